@@ -1,0 +1,210 @@
+"""Build (or load from cache) the embedded tiny math model: tokenizer, Qwen2 model, warm-up SFT.
+
+Everything is made offline from the synthetic task in `math_task.py`, deterministic for a seed,
+and cached with `save_pretrained`, so the default recipes run anywhere with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from .math_task import LEVELS, as_chat, generate_problems
+from .tokenizer import render_chat, train_chat_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Bump when the recipe below changes, so stale caches are rebuilt instead of silently reused.
+TINY_MATH_VERSION = 1
+
+
+@dataclass
+class TinyMathRecipe:
+    """Everything that determines the built model; part of the cache key."""
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 8
+    num_heads: int = 4  # head_dim 32: the smallest vLLM accepts
+    num_kv_heads: int = 4
+    intermediate_size: int = 512
+    train_problems: int = 24_000
+    levels: tuple[int, ...] = LEVELS
+    steps: int = 700
+    batch_size: int = 48
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.01
+    extra: dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("REFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nested_reft"
+    )
+    return Path(root)
+
+
+def _cache_key(recipe: TinyMathRecipe, seed: int) -> str:
+    import hashlib
+
+    blob = json.dumps({"v": TINY_MATH_VERSION, "seed": seed, **asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _encode(tokenizer, problems) -> list[tuple[list[int], int]]:
+    """(input_ids, prompt_length) per problem: the loss covers only the assistant's reply."""
+    out = []
+    for p in problems:
+        prompt = render_chat(as_chat(p), add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(p.solution + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        out.append((p_ids + c_ids, len(p_ids)))
+    return out
+
+
+def _length_bucketed_batches(examples, batch_size: int, rng: random.Random):
+    """Shuffle, then sort within windows of 50 batches by length: little padding, still random."""
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(idx), window):
+        chunk = sorted(idx[start : start + window], key=lambda i: len(examples[i][0]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(examples, batch, pad_id: int):
+    width = max(len(examples[i][0]) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        seq, plen = examples[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
+        attn[row, : len(seq)] = 1
+    return ids, attn, labels
+
+
+def build_tokenizer(recipe: TinyMathRecipe, seed: int) -> PreTrainedTokenizerFast:
+    problems = generate_problems(4000, "train", seed=seed, levels=recipe.levels)
+    texts = [
+        render_chat(as_chat(p) + [{"role": "assistant", "content": p.solution}]) for p in problems
+    ]
+    return train_chat_tokenizer(texts, vocab_size=recipe.vocab_size)
+
+
+def build_model(recipe: TinyMathRecipe, tokenizer) -> torch.nn.Module:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        intermediate_size=recipe.intermediate_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: bool = True) -> dict:
+    """Warm-up SFT on worked solutions; returns training stats."""
+    problems = generate_problems(recipe.train_problems, "train", seed=seed, levels=recipe.levels)
+    examples = _encode(tokenizer, problems)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
+    )
+
+    def lr_at(step):
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        frac = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    batches: list = []
+    tokens, start, losses = 0, time.perf_counter(), []
+    bar = tqdm(range(recipe.steps), desc="tiny model warm-up SFT", disable=not progress)
+    for _step in bar:
+        if not batches:
+            batches = _length_bucketed_batches(examples, recipe.batch_size, rng)
+        ids, attn, labels = _collate(examples, batches.pop(), tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(attn.sum())
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                        tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if (_step + 1) % 100 == 0:
+            logger.info("step %d loss %.3f", _step + 1, sum(losses[-20:]) / len(losses[-20:]))
+    model.eval()
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def build_tiny_math_model(
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    recipe: TinyMathRecipe | None = None,
+    progress: bool = True,
+    rebuild: bool = False,
+) -> Path:
+    """Path to a saved tiny Qwen2 math model + tokenizer, building it on first use.
+
+    The folder loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
+    like any Hub checkpoint. Deterministic for (recipe, seed); reused from `cache_dir`
+    (default `~/.cache/nested_reft`, or `$REFT_CACHE`) on later calls.
+    """
+    recipe = recipe or TinyMathRecipe()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = root / f"tiny-math-{_cache_key(recipe, seed)}"
+    if (out / "build_info.json").exists() and not rebuild:
+        return out
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    tokenizer = build_tokenizer(recipe, seed)
+    model = build_model(recipe, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("building tiny math model (%.2fM parameters) into %s", n_params / 1e6, out)
+    stats = supervise(model, tokenizer, recipe, seed, progress=progress)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {"seed": seed, "version": TINY_MATH_VERSION, "parameters": n_params,
+            "build_seconds": time.perf_counter() - start, "recipe": asdict(recipe), **stats}
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
+    if out.exists():  # a stale or partial folder from an interrupted build
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # atomic: a crash mid-build never leaves a folder that looks complete
+    return out
+
+
+def load_tiny_math_model(path: str | os.PathLike):
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

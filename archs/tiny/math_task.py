@@ -1,0 +1,187 @@
+"""Synthetic arithmetic word problems with digit-by-digit worked solutions.
+
+The worked solution spells out every column of every operation (units first, with carries and
+borrows written down), so that a model of a few million parameters can learn each step instead
+of having to guess whole sums. Levels grow in difficulty; a mixed test set then gives GRPO
+groups with mixed rewards.
+
+Train and test sets are disjoint by construction: every problem has a canonical key (its level
+and numbers) and the key's hash decides the split, so a test problem's numbers never appear in
+training, whatever its wording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = "Solve step by step. Put the final answer in \\boxed{}."
+
+LEVELS = (1, 2, 3, 4, 5)
+NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ida", "Joe", "Kim", "Lou", "Max")
+OBJECTS = ("apples", "books", "coins", "pens", "cards", "eggs", "shells", "stamps")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    question: str
+    answer: str  # gold, as a plain integer string
+    solution: str  # worked solution: "<think>...</think>\boxed{answer}"
+    level: int
+    key: str  # canonical identity used for the train/test split
+
+
+# --------------------------------------------------------------------------- column arithmetic
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """Digits of n, units first, zero-padded to width."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def worked_add(a: int, b: int) -> str:
+    """'47+38: 7+8=15 c1; 4+3+1=8; 47+38=85'"""
+    width = max(len(str(a)), len(str(b)))
+    da, db = _digits(a, width), _digits(b, width)
+    steps, carry = [], 0
+    for x, y in zip(da, db):
+        s = x + y + carry
+        lhs = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = s // 10
+        steps.append(f"{lhs}={s}" + (f" c{carry}" if carry else ""))
+    return f"{a}+{b}: " + "; ".join(steps) + f"; {a}+{b}={a + b}"
+
+
+def worked_sub(a: int, b: int) -> str:
+    """'52-27: 2-7 b1 12-7=5; 5-1-2=2; 52-27=25' (requires a >= b)."""
+    assert a >= b
+    width = len(str(a))
+    da, db = _digits(a, width), _digits(b, width)
+    steps, borrow = [], 0
+    for x, y in zip(da, db):
+        top = f"{x}-{borrow}" if borrow else f"{x}"
+        x_eff = x - borrow
+        if x_eff < y:
+            steps.append(f"{top}-{y} b1 {x_eff + 10}-{y}={x_eff + 10 - y}")
+            borrow = 1
+        else:
+            steps.append(f"{top}-{y}={x_eff - y}")
+            borrow = 0
+    return f"{a}-{b}: " + "; ".join(steps) + f"; {a}-{b}={a - b}"
+
+
+def worked_mul(a: int, b: int) -> str:
+    """One-digit a times b: '3*47: 3*7=21 c2; 3*4+2=14; 3*47=141'."""
+    assert 0 <= a <= 9
+    steps, carry = [], 0
+    for y in _digits(b, len(str(b))):
+        s = a * y + carry
+        lhs = f"{a}*{y}" + (f"+{carry}" if carry else "")
+        carry = s // 10
+        steps.append(f"{lhs}={s}" + (f" c{carry}" if carry else ""))
+    return f"{a}*{b}: " + "; ".join(steps) + f"; {a}*{b}={a * b}"
+
+
+def worked_div(a: int, d: int) -> str:
+    """Long division by one digit, leading digit first: '72/3: 7/3=2 r1; 12/3=4 r0; 72/3=24'."""
+    assert 2 <= d <= 9 and a % d == 0
+    steps, rem = [], 0
+    for ch in str(a):
+        cur = rem * 10 + int(ch)
+        steps.append(f"{cur}/{d}={cur // d} r{cur % d}")
+        rem = cur % d
+    return f"{a}/{d}: " + "; ".join(steps) + f"; {a}/{d}={a // d}"
+
+
+# --------------------------------------------------------------------------- problem generators
+
+
+def _gen_level(level: int, rng: random.Random) -> tuple[str, tuple, str, list[str], int]:
+    """Returns (kind, numbers, question template, worked lines, answer)."""
+    if level == 1:  # one step, one or two digits
+        a, b = rng.randint(2, 49), rng.randint(1, 49)
+        if rng.random() < 0.5:
+            return "add", (a, b), "{n} has {a} {o}. {n} gets {b} more. How many {o} does {n} have now?", [worked_add(a, b)], a + b
+        a, b = max(a, b), min(a, b)
+        return "sub", (a, b), "{n} has {a} {o}. {n} gives away {b}. How many {o} are left?", [worked_sub(a, b)], a - b
+    if level == 2:  # one step, two digits, carries and borrows common
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if rng.random() < 0.5:
+            return "add", (a, b), "A box holds {a} {o} and another holds {b} {o}. How many {o} are there in all?", [worked_add(a, b)], a + b
+        a, b = max(a, b), min(a, b)
+        return "sub", (a, b), "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have?", [worked_sub(a, b)], a - b
+    if level == 3:  # one-digit times two-digit
+        a, b = rng.randint(2, 9), rng.randint(11, 49)
+        return "mul", (a, b), "{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?", [worked_mul(a, b)], a * b
+    if level == 4:  # a fraction of a quantity
+        d = rng.choice((2, 3, 4, 5))
+        q = rng.randint(3, 24)
+        a = d * q
+        frac = {2: "half", 3: "a third", 4: "a quarter", 5: "a fifth"}[d]
+        return f"div{d}", (a, d), "{n} has {a} {o} and keeps " + frac + " of them. How many {o} does {n} keep?", [worked_div(a, d)], q
+    if level == 5:  # two steps: add then subtract
+        a, b = rng.randint(10, 69), rng.randint(10, 29)
+        c = rng.randint(5, a + b - 1)
+        s = a + b
+        return "addsub", (a, b, c), "{n} has {a} {o}, finds {b} more and then gives {c} away. How many {o} are left?", [worked_add(a, b), worked_sub(s, c)], s - c
+    raise ValueError(f"unknown level {level!r}; levels are {LEVELS}")
+
+
+def _is_test_key(key: str, test_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return (h % 10_000) < test_fraction * 10_000
+
+
+def make_problem(level: int, rng: random.Random) -> MathProblem:
+    kind, nums, template, lines, answer = _gen_level(level, rng)
+    names = dict(zip("abc", nums))
+    question = template.format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), **names)
+    key = f"{level}:{kind}:" + ",".join(map(str, nums))
+    solution = "<think>" + " | ".join(lines) + "</think>\\boxed{" + str(answer) + "}"
+    return MathProblem(question, str(answer), solution, level, key)
+
+
+def generate_problems(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    levels: tuple[int, ...] = LEVELS,
+    level_weights: tuple[float, ...] | None = None,
+    test_fraction: float = 0.1,
+    unique: bool = False,
+) -> list[MathProblem]:
+    """n problems of the given split ('train' or 'test'), deterministic for a seed.
+
+    unique=True never repeats a canonical key (useful for test sets; stops early if the split
+    has fewer than n distinct problems).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise ValueError(f"unknown levels {bad}; levels are {LEVELS}")
+    rng = random.Random(f"{seed}:{split}")
+    want_test = split == "test"
+    out: list[MathProblem] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(out) < n and attempts < 200 * n:
+        attempts += 1
+        level = rng.choices(levels, weights=level_weights)[0]
+        p = make_problem(level, rng)
+        if _is_test_key(p.key, test_fraction) != want_test:
+            continue
+        if unique:
+            if p.key in seen:
+                continue
+            seen.add(p.key)
+        out.append(p)
+    return out
+
+
+def as_chat(problem: MathProblem, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": problem.question},
+    ]

@@ -1,0 +1,88 @@
+"""Held-out math accuracy of a causal LM: greedy and sampled, batched Hugging Face generation."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from rewards.math import accuracy_reward, format_reward
+
+
+@dataclass
+class MathEvalResult:
+    accuracy: float
+    format_rate: float
+    n: int
+    temperature: float
+    seconds: float
+    tokens_per_s: float
+    by_level: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)  # a few (prompt, completion, gold, score) rows
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "samples"}
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list, *, temperature: float = 0.0,
+                         max_new_tokens: int = 128, batch_size: int = 64, seed: int = 0,
+                         progress: bool = False, desc: str = "generating") -> tuple[list[str], int]:
+    """Completions (decoded text) for chat prompts; returns (texts, generated token count).
+
+    temperature 0 means greedy. Sampling uses the full distribution (no top-k / top-p), the
+    same distribution GRPO samples from.
+    """
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    gen = torch.Generator().manual_seed(seed)
+    texts, n_tokens = [], 0
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = prompts[start : start + batch_size]
+        rendered = [
+            p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in batch
+        ]
+        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        completion_ids = out[:, enc["input_ids"].shape[1] :]
+        n_tokens += int((completion_ids != tokenizer.pad_token_id).sum())
+        texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    model.train(was_training)
+    return texts, n_tokens
+
+
+def evaluate_math(model, tokenizer, dataset, *, temperature: float = 0.0, max_new_tokens: int = 128,
+                  batch_size: int = 64, seed: int = 0, progress: bool = False,
+                  num_keep: int = 5) -> MathEvalResult:
+    """Accuracy of `model` on rows with `prompt` (chat messages) and `solution` (gold)."""
+    prompts = [row["prompt"] for row in dataset]
+    golds = [row["solution"] for row in dataset]
+    start = time.perf_counter()
+    kind = "greedy" if temperature == 0 else f"T={temperature:g}"
+    texts, n_tokens = generate_completions(model, tokenizer, prompts, temperature=temperature,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           seed=seed, progress=progress, desc=f"eval ({kind})")
+    seconds = time.perf_counter() - start
+    scores = accuracy_reward(texts, golds)
+    formats = format_reward(texts)
+    levels = defaultdict(list)
+    for row, s in zip(dataset, scores):
+        if "level" in row and row["level"] is not None:
+            levels[row["level"]].append(s)
+    return MathEvalResult(
+        accuracy=sum(scores) / max(1, len(scores)),
+        format_rate=sum(formats) / max(1, len(formats)),
+        n=len(scores),
+        temperature=temperature,
+        seconds=seconds,
+        tokens_per_s=n_tokens / seconds if seconds > 0 else 0.0,
+        by_level={k: sum(v) / len(v) for k, v in sorted(levels.items())},
+        samples=[(p, t, g, s) for p, t, g, s in list(zip(prompts, texts, golds, scores))[:num_keep]],
+    )

@@ -1,0 +1,1 @@
+"""reft_kernels."""

@@ -1,0 +1,103 @@
+"""The embedded tiny model: synthetic task, tokenizer, build and cache."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from archs.tiny import (
+    TinyMathRecipe,
+    build_tiny_math_model,
+    generate_problems,
+    load_tiny_math_model,
+)
+from archs.tiny.math_task import (
+    LEVELS,
+    make_problem,
+    worked_add,
+    worked_div,
+    worked_mul,
+    worked_sub,
+)
+from archs.tiny.tokenizer import render_chat
+
+
+def test_worked_solutions_spell_out_each_column():
+    assert worked_add(47, 38) == "47+38: 7+8=15 c1; 4+3+1=8; 47+38=85"
+    assert worked_add(999, 1) == "999+1: 9+1=10 c1; 9+0+1=10 c1; 9+0+1=10 c1; 999+1=1000"
+    assert worked_sub(52, 27) == "52-27: 2-7 b1 12-7=5; 5-1-2=2; 52-27=25"
+    assert worked_mul(3, 47) == "3*47: 3*7=21 c2; 3*4+2=14 c1; 3*47=141"
+    assert worked_div(72, 3) == "72/3: 7/3=2 r1; 12/3=4 r0; 72/3=24"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_problem_states_its_gold_answer_and_its_arithmetic_is_right(level):
+    rng = random.Random(level)
+    for _ in range(200):
+        p = make_problem(level, rng)
+        assert p.solution.endswith("\\boxed{" + p.answer + "}")
+        # every "x op y=z" written in the worked solution is true
+        steps = re.findall(r"(?<![\d+\-*/])(\d+(?:[+\-*/]\d+)+)=(\d+)", p.solution)
+        assert steps, p.solution
+        for expr, result in steps:
+            assert eval(expr.replace("/", "//")) == int(result), (expr, p.solution)
+        assert int(p.answer) >= 0
+
+
+def test_train_and_test_sets_are_disjoint_and_deterministic():
+    train = generate_problems(3000, "train", seed=0)
+    test = generate_problems(300, "test", seed=0, unique=True)
+    assert not {p.key for p in train} & {p.key for p in test}
+    assert len({p.key for p in test}) == 300
+    assert generate_problems(50, "test", seed=0, unique=True) == test[:50]
+    assert generate_problems(50, "train", seed=1) != train[:50]
+    assert {p.level for p in test} == set(LEVELS)
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="'dev'"):
+        generate_problems(3, "dev")
+    with pytest.raises(ValueError, match=r"\[9\]"):
+        generate_problems(3, levels=(1, 9))
+
+
+SMALL = TinyMathRecipe(train_problems=256, steps=3, batch_size=8, vocab_size=400, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tiny")
+    return cache, build_tiny_math_model(cache, seed=0, recipe=SMALL, progress=False)
+
+
+def test_build_saves_a_loadable_qwen2_model_with_a_chat_tokenizer(small_build):
+    _, path = small_build
+    model, tok = load_tiny_math_model(path)
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 8
+    assert model.config.hidden_size // model.config.num_attention_heads >= 32  # vLLM's minimum
+    info = json.loads((path / "build_info.json").read_text())
+    assert info["seed"] == 0 and info["recipe"]["steps"] == 3
+    # digits are single tokens; the chat template matches the plain renderer
+    assert tok.convert_ids_to_tokens(tok("12345", add_special_tokens=False)["input_ids"]) == list("12345")
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_chat(msgs, add_generation_prompt=True) == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    ids = tok("<think>x</think>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>x</think>"
+    out = model.generate(**tok(rendered, return_tensors="pt", add_special_tokens=False), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 0
+
+
+def test_build_is_cached_and_deterministic(small_build, tmp_path):
+    cache, path = small_build
+    assert build_tiny_math_model(cache, seed=0, recipe=SMALL, progress=False) == path  # reused
+    again = build_tiny_math_model(tmp_path, seed=0, recipe=SMALL, progress=False)
+    a, _ = load_tiny_math_model(path)
+    b, _ = load_tiny_math_model(again)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    other = build_tiny_math_model(tmp_path, seed=1, recipe=SMALL, progress=False)
+    assert other != again
