@@ -99,8 +99,8 @@ def worked_div(a: int, d: int) -> str:
 
 def _gen_level(level: int, rng: random.Random) -> tuple[str, tuple, str, list[str], int]:
     """Returns (kind, numbers, question template, worked lines, answer)."""
-    if level == 1:  # one step, one or two digits
-        a, b = rng.randint(2, 49), rng.randint(1, 49)
+    if level == 1:  # one step, a one- or two-digit number and a one-digit number
+        a, b = rng.randint(2, 39), rng.randint(1, 9)
         if rng.random() < 0.5:
             return "add", (a, b), "{n} has {a} {o}. {n} gets {b} more. How many {o} does {n} have now?", [worked_add(a, b)], a + b
         a, b = max(a, b), min(a, b)

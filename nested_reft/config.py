@@ -1,0 +1,75 @@
+"""`NestedReFTConfig`: TRL's GRPOConfig plus the behavior-model and off-policy-correction fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .corrections import METHODS
+from .skipping import MODES
+
+ENGINES = ("hf",)
+
+
+@dataclass
+class NestedReFTConfig(GRPOConfig):
+    """GRPO whose rollouts come from a layer-skipped copy of the policy (SPEC §1).
+
+    All fields of `trl.GRPOConfig` apply (loss_type, beta, num_generations, epsilon, ...).
+    Invalid values fail here, before any model is loaded.
+    """
+
+    # --- behavior model: which layers to skip, drawn anew for every generation round
+    skip_ratio: float = field(default=0.25, metadata={"help": "Fraction r of decoder layers skipped by the behavior model: k = round(r * L). 0 samples with the full model."})
+    skip_k_min: int | None = field(default=None, metadata={"help": "With skip_k_max: draw k uniformly in [skip_k_min, skip_k_max] each round instead of using skip_ratio."})
+    skip_k_max: int | None = field(default=None, metadata={"help": "Upper end of the uniform range for k (see skip_k_min)."})
+    keep_first: int = field(default=2, metadata={"help": "The first layers that are never skipped."})
+    keep_last: int = field(default=2, metadata={"help": "The last layers that are never skipped."})
+    skip_mode: str = field(default="random", metadata={"help": f"How the skip set is drawn: one of {MODES}.", "choices": list(MODES)})
+    skip_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layers to skip with skip_mode='fixed'."})
+    skip_seed: int | None = field(default=None, metadata={"help": "Seed of the skip-set draws (default: `seed`). Every draw is logged, so runs replay."})
+    # --- off-policy correction
+    correction: str = field(default="tis", metadata={"help": f"Per-token correction weight: one of {METHODS}. 'none' treats behavior samples as on-policy (biased ablation).", "choices": list(METHODS)})
+    clip: float = field(default=2.0, metadata={"help": "C: cap of the importance ratio for tis / seq_tis, and the [1/C, C] band of seq_mask."})
+    lam: float = field(default=1.0, metadata={"help": "Retrace lambda: the retrace weight is lam * min(1, ratio)."})
+    # --- adaptive skip controller (active with correction='ess_adaptive')
+    ess_target: float = field(default=0.8, metadata={"help": "ess_adaptive: raise the skip ratio while ESS stays above this, lower it when ESS falls below."})
+    ess_band: float = field(default=0.05, metadata={"help": "ess_adaptive: dead band below ess_target in which the ratio is kept."})
+    skip_ratio_min: float = field(default=0.0, metadata={"help": "ess_adaptive: lowest skip ratio."})
+    skip_ratio_max: float = field(default=0.5, metadata={"help": "ess_adaptive: highest skip ratio."})
+    skip_ratio_step: float = field(default=0.05, metadata={"help": "ess_adaptive: change of the skip ratio per generation round."})
+    # --- engine and measurement
+    engine: str = field(default="hf", metadata={"help": f"Rollout engine: one of {ENGINES}.", "choices": list(ENGINES)})
+    rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
+    full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds, also time the full model on the same prompts (its tokens/s is logged; the samples are discarded). 0: never."})
+
+    def __post_init__(self):
+        self.validate_nested_reft()
+        super().__post_init__()
+
+    def validate_nested_reft(self) -> None:
+        if self.correction not in METHODS:
+            raise ValueError(f"correction must be one of {METHODS}, got {self.correction!r}")
+        if self.skip_mode not in MODES:
+            raise ValueError(f"skip_mode must be one of {MODES}, got {self.skip_mode!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if not 0 <= self.skip_ratio < 1:
+            raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio!r}")
+        if (self.skip_k_min is None) != (self.skip_k_max is None):
+            raise ValueError(f"set both skip_k_min and skip_k_max or neither, got {self.skip_k_min!r}, {self.skip_k_max!r}")
+        if self.skip_mode == "fixed" and not self.skip_layers:
+            raise ValueError("skip_mode='fixed' needs skip_layers, the list of layers to skip")
+        if not self.clip >= 1:
+            raise ValueError(f"clip must be >= 1, got {self.clip!r}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
+        if not 0 <= self.skip_ratio_min <= self.skip_ratio_max < 1:
+            raise ValueError(f"need 0 <= skip_ratio_min <= skip_ratio_max < 1, got {self.skip_ratio_min!r}, {self.skip_ratio_max!r}")
+        if not 0 < self.ess_target <= 1:
+            raise ValueError(f"ess_target must be in (0, 1], got {self.ess_target!r}")
+        if self.use_vllm:
+            raise ValueError("use_vllm=True selects TRL's own vLLM path; Nested-ReFT samples through its own engine (set `engine`)")
+        if self.loss_type == "vespo":
+            raise ValueError("loss_type='vespo' computes its own importance weights; use grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")

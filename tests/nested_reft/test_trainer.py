@@ -1,0 +1,133 @@
+"""NestedReFTTrainer against TRL's GRPOTrainer, and its per-round bookkeeping."""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from nested_reft.config import NestedReFTConfig
+from nested_reft.trainer import NestedReFTTrainer
+
+SHARED = dict(
+    per_device_train_batch_size=8, num_generations=4, max_completion_length=12, learning_rate=1e-3,
+    report_to=[], save_strategy="no", logging_steps=1, seed=0, use_cpu=True, temperature=1.0,
+    top_k=0, top_p=1.0, num_train_epochs=1,
+)
+
+
+def length_reward(completions, **kwargs):
+    """Deterministic and varied within a group, so advantages are non-zero."""
+    return [float(len(c[0]["content"] if isinstance(c, list) else c) % 5) for c in completions]
+
+
+def dataset():
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}]} for i in range(4)]
+    return Dataset.from_list(rows)
+
+
+def first_inputs(trainer):
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    return batch, trainer._prepare_inputs(batch)
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("correction", ["none", "tis"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_nothing_skipped_reproduces_trl_grpo_loss_and_gradients(small_model_dir, chat_tokenizer, tmp_path, correction, loss_type, monkeypatch):
+    # TRL shuffles each generation batch with the global RNG; keep the order so rows line up.
+    monkeypatch.setattr("trl.trainer.grpo_trainer.shuffle_sequence_dict", lambda batch: batch)
+    beta = 0.04 if loss_type == "grpo" else 0.0  # with a reference model on one of the cases
+    ours = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+        train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path / "a"), skip_ratio=0.0, correction=correction,
+                              loss_type=loss_type, beta=beta, full_model_probe_every=0, **SHARED),
+    )
+    sampled = []
+    generate = ours.engine.generate
+    ours.engine.generate = lambda ids, spec: sampled.append(generate(ids, spec)) or sampled[-1]
+    batch, ours_inputs = first_inputs(ours)
+    completions = sampled[0].completion_ids
+
+    theirs = GRPOTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+        train_dataset=dataset(),
+        args=GRPOConfig(output_dir=str(tmp_path / "b"), loss_type=loss_type, beta=beta, **SHARED),
+    )
+    theirs._generate_single_turn = lambda prompt_ids, *a, **k: ([list(c) for c in completions], None)
+    theirs.model.train()
+    theirs_inputs = theirs._prepare_inputs(batch)
+    assert torch.equal(ours_inputs["completion_ids"], theirs_inputs["completion_ids"])
+
+    loss_a, grads_a = loss_and_grads(ours, ours_inputs)
+    loss_b, grads_b = loss_and_grads(theirs, theirs_inputs)
+    assert sum(float(g.abs().sum()) for g in grads_b.values()) > 0  # a real gradient is compared
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-5, msg=name)
+    metrics = ours._metrics["train"]
+    assert metrics["correction/ess"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["correction/ratio_max"][-1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_skipped_rounds_fold_weights_into_advantages_and_log_diagnostics(small_model_dir, chat_tokenizer, tmp_path):
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer, train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1,
+                              correction="tis", clip=2.0, full_model_probe_every=1, **SHARED),
+    )
+    _, inputs = first_inputs(trainer)
+    assert len(trainer.skip_policy.history) == 1 and len(trainer.skip_policy.history[0]) == 2
+    adv = inputs["advantages"]
+    assert adv.dim() == 2 and adv.shape == inputs["completion_ids"].shape
+    mask = inputs["completion_mask"].bool()
+    assert torch.all(adv[~mask] == 0)
+    m = trainer._metrics["train"]
+    for key in ("ess", "ratio_mean", "ratio_min", "ratio_max", "clipped_frac", "kl_behavior"):
+        assert len(m[f"correction/{key}"]) == 1
+    assert 0 < m["correction/ess"][0] <= 1
+    assert m["correction/ratio_min"][0] < 1 < m["correction/ratio_max"][0]  # the skipped model differs
+    assert m["rollout/skipped_layers"][0] == 2
+    assert m["rollout/behavior_tokens_per_s"][0] > 0 and m["rollout/full_tokens_per_s"][0] > 0
+
+
+def test_training_runs_a_few_steps(small_model_dir, chat_tokenizer, tmp_path):
+    args = NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1,
+                            correction="ess_adaptive", max_steps=3, full_model_probe_every=2, **SHARED)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert len(trainer.skip_policy.history) == 3
+    logged = [h for h in trainer.state.log_history if "correction/ess" in h]
+    assert len(logged) == 3 and all("rollout/behavior_tokens_per_s" in h for h in logged)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(correction="is"), "'is'"),
+        (dict(skip_ratio=1.0), "got 1.0"),
+        (dict(skip_mode="diagonal"), "'diagonal'"),
+        (dict(skip_mode="fixed"), "needs skip_layers"),
+        (dict(clip=0.5), "got 0.5"),
+        (dict(lam=2.0), "got 2.0"),
+        (dict(engine="tensorrt"), "'tensorrt'"),
+        (dict(skip_k_min=1), "skip_k_min and skip_k_max"),
+        (dict(use_vllm=True), "use_vllm"),
+    ],
+)
+def test_bad_config_fails_before_any_model_loads(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NestedReFTConfig(output_dir=str(tmp_path), report_to=[], **kwargs)
