@@ -27,7 +27,7 @@ install: $(VENV)/.installed-base
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/python -m recipes.tiny_model
+	$(BIN)/python -m recipes.math_reft --config recipes/configs/math_reft_tiny.yaml $(DEMO_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

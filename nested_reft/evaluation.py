@@ -24,7 +24,10 @@ class MathEvalResult:
     samples: list = field(default_factory=list)  # a few (prompt, completion, gold, score) rows
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "samples"}
+        """JSON-ready (level keys as strings, as they come back from a JSON file)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "samples"}
+        out["by_level"] = {str(k): v for k, v in self.by_level.items()}
+        return out
 
 
 @torch.no_grad()

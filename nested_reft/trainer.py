@@ -10,10 +10,13 @@ term (unweighted, as in TRL), logging, checkpoints and PEFT left to TRL.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -147,3 +150,30 @@ class NestedReFTTrainer(GRPOTrainer):
         if self.skip_controller is not None:
             self.skip_policy.set_skip_ratio(self.skip_controller.update(stats["ess"]))
         return output
+
+    # ------------------------------------------------------------------ checkpoints
+
+    SKIP_STATE_FILE = "nested_reft_state.json"
+
+    def _save_checkpoint(self, model, trial):
+        """Also save the skip policy (RNG and history), round counter and controller, so a resumed
+        run draws the same skip sets as an uninterrupted one."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            state = {"skip_policy": self.skip_policy.state_dict(), "round": self._round,
+                     "skip_ratio": self.skip_controller.ratio if self.skip_controller else None}
+            with open(os.path.join(folder, self.SKIP_STATE_FILE), "w") as f:
+                json.dump(state, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, self.SKIP_STATE_FILE) if checkpoint else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.skip_policy.load_state_dict(state["skip_policy"])
+            self._round = state["round"]
+            if self.skip_controller is not None and state["skip_ratio"] is not None:
+                self.skip_controller.ratio = state["skip_ratio"]
+                self.skip_policy.set_skip_ratio(state["skip_ratio"])

@@ -128,6 +128,40 @@ def _gen_level(level: int, rng: random.Random) -> tuple[str, tuple, str, list[st
     raise ValueError(f"unknown level {level!r}; levels are {LEVELS}")
 
 
+DRILL_PROMPT = "Drill: compute each step."
+
+
+def make_drill(rng: random.Random, n_facts: int = 24) -> MathProblem:
+    """A list of single-column facts in exactly the forms the worked solutions use.
+
+    Column facts are what a tiny model learns last; drills give it many per token (they are
+    training data only, never in a test set).
+    """
+    facts = []
+    for _ in range(n_facts):
+        kind = rng.randrange(6)
+        x, y = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == 0:
+            facts.append(f"{x}+{y}={x + y}")
+        elif kind == 1:
+            facts.append(f"{x}+{y}+1={x + y + 1}")
+        elif kind == 2:
+            x = max(x, y)
+            facts.append(f"{x}-{y}={x - y}")
+        elif kind == 3:
+            y = rng.randint(x + 1, 10) if x < 9 else 9
+            y = min(y, 9)
+            facts.append(f"{x + 10}-{y}={x + 10 - y}")
+        elif kind == 4:
+            c = rng.randint(0, 8)
+            facts.append(f"{x}*{y}+{c}={x * y + c}" if c else f"{x}*{y}={x * y}")
+        else:
+            d = rng.randint(2, 9)
+            cur = rng.randint(0, 10 * d - 1)
+            facts.append(f"{cur}/{d}={cur // d} r{cur % d}")
+    return MathProblem(DRILL_PROMPT, "", "; ".join(facts), 0, "drill")
+
+
 def _is_test_key(key: str, test_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return (h % 10_000) < test_fraction * 10_000

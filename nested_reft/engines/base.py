@@ -68,7 +68,8 @@ class RolloutEngine(ABC):
         """Bring the engine's copy of the policy up to date (a no-op where weights are shared)."""
 
     def close(self) -> None:
-        """Release the engine's resources."""
+        """Release the engine's resources (nothing to release by default)."""
+        return None
 
     def __enter__(self):
         return self

@@ -1,0 +1,72 @@
+"""Run records: metrics as JSONL while training, and a PNG of the curves that matter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every logged dict (with its step) to `<output_dir>/metrics.jsonl`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+PANELS = (
+    ("reward", ("reward",), "mean reward"),
+    ("accuracy", ("rewards/accuracy_reward/mean",), "train accuracy (sampled)"),
+    ("ess", ("correction/ess",), "effective sample size"),
+    ("tokens/s", ("rollout/behavior_tokens_per_s", "rollout/full_tokens_per_s"), "rollout tokens/s"),
+)
+
+
+def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None) -> Path:
+    """Reward, sampled accuracy, ESS and behavior vs full-model tokens/s over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for ax, (name, keys, ylabel) in zip(axes, PANELS):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                label = key.split("/")[-1].replace("_tokens_per_s", "")
+                ax.plot(*zip(*pts), marker=".", label=label)
+        if name == "accuracy" and evals:
+            for label, (step, acc) in evals.items():
+                ax.scatter([step], [acc], marker="*", s=120, zorder=3, label=f"held-out greedy ({label})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
