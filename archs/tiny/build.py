@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-from .math_task import LEVELS, as_chat, generate_problems, make_drill
+from .math_task import LEVEL_WEIGHTS, LEVELS, as_chat, generate_problems
 from .tokenizer import render_chat, train_chat_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,8 @@ class TinyMathRecipe:
     intermediate_size: int = 512
     train_problems: int = 24_000
     levels: tuple[int, ...] = LEVELS
-    # Easy levels dominate so the model masters the column algorithm early; harder levels keep
-    # the held-out accuracy mid-range, which gives GRPO groups with mixed rewards.
-    level_weights: tuple[float, ...] = (0.3, 0.2, 0.2, 0.15, 0.15)
-    drill_fraction: float = 0.15  # share of column-fact drills in the training mix
-    easy_phase: float = 0.3  # first fraction of steps: levels 1-2 and drills only (a curriculum)
-    steps: int = 1500
+    level_weights: tuple[float, ...] = LEVEL_WEIGHTS
+    steps: int = 1600
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 40
@@ -71,8 +67,7 @@ def _encode(tokenizer, problems) -> list[tuple[list[int], int]]:
     """(input_ids, prompt_length) per problem: the loss covers only the assistant's reply."""
     out = []
     for p in problems:
-        messages = [{"role": "user", "content": p.question}] if p.level == 0 else as_chat(p)
-        prompt = render_chat(messages, add_generation_prompt=True)
+        prompt = render_chat(as_chat(p), add_generation_prompt=True)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tokenizer(p.solution + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         out.append((p_ids + c_ids, len(p_ids)))
@@ -136,9 +131,7 @@ def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: boo
     problems = generate_problems(recipe.train_problems, "train", seed=seed, levels=recipe.levels,
                                  level_weights=recipe.level_weights)
     rng = random.Random(seed)
-    drills = [make_drill(rng) for _ in range(int(recipe.drill_fraction * len(problems)))]
-    examples = _encode(tokenizer, problems + drills)
-    easy = [e for e, p in zip(examples, problems + drills) if p.level <= 2]
+    examples = _encode(tokenizer, problems)
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
@@ -152,16 +145,12 @@ def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: boo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     batches: list = []
-    easy_steps = int(recipe.easy_phase * recipe.steps)
     tokens, start, losses = 0, time.perf_counter(), []
     bar = tqdm(range(recipe.steps), desc="tiny model warm-up SFT", disable=not progress)
     for _step in bar:
-        pool = easy if _step < easy_steps else examples
-        if _step == easy_steps:
-            batches = []  # leave the easy phase: draw from everything from now on
         if not batches:
-            batches = _length_bucketed_batches(pool, recipe.batch_size, rng)
-        ids, attn, labels = _collate(pool, batches.pop(), tokenizer.pad_token_id)
+            batches = _length_bucketed_batches(examples, recipe.batch_size, rng)
+        ids, attn, labels = _collate(examples, batches.pop(), tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

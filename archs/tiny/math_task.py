@@ -19,6 +19,9 @@ from dataclasses import dataclass
 SYSTEM_PROMPT = "Solve step by step. Put the final answer in \\boxed{}."
 
 LEVELS = (1, 2, 3, 4, 5)
+# The task's level mix (train and test alike): easy levels dominate so a tiny model masters the
+# column algorithm; harder ones keep accuracy mid-range, which gives GRPO groups mixed rewards.
+LEVEL_WEIGHTS = (0.3, 0.25, 0.2, 0.1, 0.15)
 NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ida", "Joe", "Kim", "Lou", "Max")
 OBJECTS = ("apples", "books", "coins", "pens", "cards", "eggs", "shells", "stamps")
 
@@ -41,7 +44,7 @@ def _digits(n: int, width: int) -> list[int]:
 
 
 def worked_add(a: int, b: int) -> str:
-    """'47+38: 7+8=15 c1; 4+3+1=8; 47+38=85'"""
+    """'47+38: 7+8=15 c1; 4+3+1=8 =85' (the result closes the line; no operand recap to copy)."""
     width = max(len(str(a)), len(str(b)))
     da, db = _digits(a, width), _digits(b, width)
     steps, carry = [], 0
@@ -50,11 +53,11 @@ def worked_add(a: int, b: int) -> str:
         lhs = f"{x}+{y}" + (f"+{carry}" if carry else "")
         carry = s // 10
         steps.append(f"{lhs}={s}" + (f" c{carry}" if carry else ""))
-    return f"{a}+{b}: " + "; ".join(steps) + f"; {a}+{b}={a + b}"
+    return f"{a}+{b}: " + "; ".join(steps) + f" ={a + b}"
 
 
 def worked_sub(a: int, b: int) -> str:
-    """'52-27: 2-7 b1 12-7=5; 5-1-2=2; 52-27=25' (requires a >= b)."""
+    """'52-27: 2-7 b1 12-7=5; 5-1-2=2 =25' (requires a >= b)."""
     assert a >= b
     width = len(str(a))
     da, db = _digits(a, width), _digits(b, width)
@@ -68,11 +71,11 @@ def worked_sub(a: int, b: int) -> str:
         else:
             steps.append(f"{top}-{y}={x_eff - y}")
             borrow = 0
-    return f"{a}-{b}: " + "; ".join(steps) + f"; {a}-{b}={a - b}"
+    return f"{a}-{b}: " + "; ".join(steps) + f" ={a - b}"
 
 
 def worked_mul(a: int, b: int) -> str:
-    """One-digit a times b: '3*47: 3*7=21 c2; 3*4+2=14; 3*47=141'."""
+    """One-digit a times b: '3*47: 3*7=21 c2; 3*4+2=14 c1 =141'."""
     assert 0 <= a <= 9
     steps, carry = [], 0
     for y in _digits(b, len(str(b))):
@@ -80,18 +83,18 @@ def worked_mul(a: int, b: int) -> str:
         lhs = f"{a}*{y}" + (f"+{carry}" if carry else "")
         carry = s // 10
         steps.append(f"{lhs}={s}" + (f" c{carry}" if carry else ""))
-    return f"{a}*{b}: " + "; ".join(steps) + f"; {a}*{b}={a * b}"
+    return f"{a}*{b}: " + "; ".join(steps) + f" ={a * b}"
 
 
 def worked_div(a: int, d: int) -> str:
-    """Long division by one digit, leading digit first: '72/3: 7/3=2 r1; 12/3=4 r0; 72/3=24'."""
+    """Long division by one digit, leading digit first: '72/3: 7/3=2 r1; 12/3=4 r0 =24'."""
     assert 2 <= d <= 9 and a % d == 0
     steps, rem = [], 0
     for ch in str(a):
         cur = rem * 10 + int(ch)
         steps.append(f"{cur}/{d}={cur // d} r{cur % d}")
         rem = cur % d
-    return f"{a}/{d}: " + "; ".join(steps) + f"; {a}/{d}={a // d}"
+    return f"{a}/{d}: " + "; ".join(steps) + f" ={a // d}"
 
 
 # --------------------------------------------------------------------------- problem generators
@@ -99,67 +102,37 @@ def worked_div(a: int, d: int) -> str:
 
 def _gen_level(level: int, rng: random.Random) -> tuple[str, tuple, str, list[str], int]:
     """Returns (kind, numbers, question template, worked lines, answer)."""
-    if level == 1:  # one step, a one- or two-digit number and a one-digit number
-        a, b = rng.randint(2, 39), rng.randint(1, 9)
+    if level == 1:  # one column: single digits
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         if rng.random() < 0.5:
             return "add", (a, b), "{n} has {a} {o}. {n} gets {b} more. How many {o} does {n} have now?", [worked_add(a, b)], a + b
         a, b = max(a, b), min(a, b)
         return "sub", (a, b), "{n} has {a} {o}. {n} gives away {b}. How many {o} are left?", [worked_sub(a, b)], a - b
-    if level == 2:  # one step, two digits, carries and borrows common
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if level == 2:  # two columns: a two-digit and a one-digit number
+        a, b = rng.randint(10, 49), rng.randint(1, 9)
         if rng.random() < 0.5:
-            return "add", (a, b), "A box holds {a} {o} and another holds {b} {o}. How many {o} are there in all?", [worked_add(a, b)], a + b
-        a, b = max(a, b), min(a, b)
-        return "sub", (a, b), "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have?", [worked_sub(a, b)], a - b
-    if level == 3:  # one-digit times two-digit
+            return "add", (a, b), "{n} has {a} {o}. {n} gets {b} more. How many {o} does {n} have now?", [worked_add(a, b)], a + b
+        return "sub", (a, b), "{n} has {a} {o}. {n} gives away {b}. How many {o} are left?", [worked_sub(a, b)], a - b
+    if level == 3:  # two two-digit numbers, or a fraction of a quantity
+        if rng.random() < 0.6:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            if rng.random() < 0.5:
+                return "add", (a, b), "A box holds {a} {o} and another holds {b} {o}. How many {o} are there in all?", [worked_add(a, b)], a + b
+            a, b = max(a, b), min(a, b)
+            return "sub", (a, b), "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have?", [worked_sub(a, b)], a - b
+        d = rng.choice((2, 3, 4, 5))
+        q = rng.randint(2, 19)
+        frac = {2: "half", 3: "a third", 4: "a quarter", 5: "a fifth"}[d]
+        return f"div{d}", (d * q, d), "{n} has {a} {o} and keeps " + frac + " of them. How many {o} does {n} keep?", [worked_div(d * q, d)], q
+    if level == 4:  # one-digit times two-digit
         a, b = rng.randint(2, 9), rng.randint(11, 49)
         return "mul", (a, b), "{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?", [worked_mul(a, b)], a * b
-    if level == 4:  # a fraction of a quantity
-        d = rng.choice((2, 3, 4, 5))
-        q = rng.randint(3, 24)
-        a = d * q
-        frac = {2: "half", 3: "a third", 4: "a quarter", 5: "a fifth"}[d]
-        return f"div{d}", (a, d), "{n} has {a} {o} and keeps " + frac + " of them. How many {o} does {n} keep?", [worked_div(a, d)], q
     if level == 5:  # two steps: add then subtract
-        a, b = rng.randint(10, 69), rng.randint(10, 29)
-        c = rng.randint(5, a + b - 1)
+        a, b = rng.randint(10, 69), rng.randint(2, 29)
+        c = rng.randint(2, a + b - 1)
         s = a + b
         return "addsub", (a, b, c), "{n} has {a} {o}, finds {b} more and then gives {c} away. How many {o} are left?", [worked_add(a, b), worked_sub(s, c)], s - c
     raise ValueError(f"unknown level {level!r}; levels are {LEVELS}")
-
-
-DRILL_PROMPT = "Drill: compute each step."
-
-
-def make_drill(rng: random.Random, n_facts: int = 24) -> MathProblem:
-    """A list of single-column facts in exactly the forms the worked solutions use.
-
-    Column facts are what a tiny model learns last; drills give it many per token (they are
-    training data only, never in a test set).
-    """
-    facts = []
-    for _ in range(n_facts):
-        kind = rng.randrange(6)
-        x, y = rng.randint(0, 9), rng.randint(0, 9)
-        if kind == 0:
-            facts.append(f"{x}+{y}={x + y}")
-        elif kind == 1:
-            facts.append(f"{x}+{y}+1={x + y + 1}")
-        elif kind == 2:
-            x = max(x, y)
-            facts.append(f"{x}-{y}={x - y}")
-        elif kind == 3:
-            y = rng.randint(x + 1, 10) if x < 9 else 9
-            y = min(y, 9)
-            facts.append(f"{x + 10}-{y}={x + 10 - y}")
-        elif kind == 4:
-            c = rng.randint(0, 8)
-            facts.append(f"{x}*{y}+{c}={x * y + c}" if c else f"{x}*{y}={x * y}")
-        else:
-            d = rng.randint(2, 9)
-            cur = rng.randint(0, 10 * d - 1)
-            facts.append(f"{cur}/{d}={cur // d} r{cur % d}")
-    return MathProblem(DRILL_PROMPT, "", "; ".join(facts), 0, "drill")
 
 
 def _is_test_key(key: str, test_fraction: float) -> bool:
@@ -187,14 +160,19 @@ def generate_problems(
 ) -> list[MathProblem]:
     """n problems of the given split ('train' or 'test'), deterministic for a seed.
 
-    unique=True never repeats a canonical key (useful for test sets; stops early if the split
-    has fewer than n distinct problems).
+    Levels are mixed by LEVEL_WEIGHTS unless `level_weights` (or a subset of `levels`) is given.
+    unique=True never repeats a question (for test sets; the same numbers may recur in other
+    words, so the level mix stays that of the task). Stops early if the split runs out.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad:
         raise ValueError(f"unknown levels {bad}; levels are {LEVELS}")
+    if level_weights is None and tuple(levels) == LEVELS:
+        level_weights = LEVEL_WEIGHTS  # the task's mix; a subset of levels is drawn uniformly
+    if level_weights is not None and len(level_weights) != len(levels):
+        raise ValueError(f"level_weights {tuple(level_weights)} must have one weight per level {tuple(levels)}")
     rng = random.Random(f"{seed}:{split}")
     want_test = split == "test"
     out: list[MathProblem] = []
@@ -207,9 +185,9 @@ def generate_problems(
         if _is_test_key(p.key, test_fraction) != want_test:
             continue
         if unique:
-            if p.key in seen:
+            if p.question in seen:
                 continue
-            seen.add(p.key)
+            seen.add(p.question)
         out.append(p)
     return out
 

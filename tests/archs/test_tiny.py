@@ -25,11 +25,11 @@ from archs.tiny.tokenizer import render_chat
 
 
 def test_worked_solutions_spell_out_each_column():
-    assert worked_add(47, 38) == "47+38: 7+8=15 c1; 4+3+1=8; 47+38=85"
-    assert worked_add(999, 1) == "999+1: 9+1=10 c1; 9+0+1=10 c1; 9+0+1=10 c1; 999+1=1000"
-    assert worked_sub(52, 27) == "52-27: 2-7 b1 12-7=5; 5-1-2=2; 52-27=25"
-    assert worked_mul(3, 47) == "3*47: 3*7=21 c2; 3*4+2=14 c1; 3*47=141"
-    assert worked_div(72, 3) == "72/3: 7/3=2 r1; 12/3=4 r0; 72/3=24"
+    assert worked_add(47, 38) == "47+38: 7+8=15 c1; 4+3+1=8 =85"
+    assert worked_add(999, 1) == "999+1: 9+1=10 c1; 9+0+1=10 c1; 9+0+1=10 c1 =1000"
+    assert worked_sub(52, 27) == "52-27: 2-7 b1 12-7=5; 5-1-2=2 =25"
+    assert worked_mul(3, 47) == "3*47: 3*7=21 c2; 3*4+2=14 c1 =141"
+    assert worked_div(72, 3) == "72/3: 7/3=2 r1; 12/3=4 r0 =24"
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -50,7 +50,7 @@ def test_train_and_test_sets_are_disjoint_and_deterministic():
     train = generate_problems(3000, "train", seed=0)
     test = generate_problems(300, "test", seed=0, unique=True)
     assert not {p.key for p in train} & {p.key for p in test}
-    assert len({p.key for p in test}) == 300
+    assert len({p.question for p in test}) == 300
     assert generate_problems(50, "test", seed=0, unique=True) == test[:50]
     assert generate_problems(50, "train", seed=1) != train[:50]
     assert {p.level for p in test} == set(LEVELS)
