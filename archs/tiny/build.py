@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
+from ..skipping import skip_layers
 from .math_task import LEVEL_WEIGHTS, LEVELS, as_chat, generate_problems
 from .tokenizer import render_chat, train_chat_tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so stale caches are rebuilt instead of silently reused.
-TINY_MATH_VERSION = 1
+TINY_MATH_VERSION = 2
 
 
 @dataclass
@@ -46,6 +47,12 @@ class TinyMathRecipe:
     lr: float = 3e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
+    # LayerDrop: on this fraction of steps, 1..layerdrop_max_k random layers (never the first or
+    # last `layerdrop_keep`) are skipped, to make the model robust to skipping. Off by default:
+    # at 0.5 the 1600-step build reached only 3.3% greedy accuracy (see docs/tiny_model.md).
+    layerdrop_prob: float = 0.0
+    layerdrop_max_k: int = 2
+    layerdrop_keep: int = 2
     extra: dict = field(default_factory=dict)
 
 
@@ -100,6 +107,14 @@ def _collate(examples, batch, pad_id: int):
     return ids, attn, labels
 
 
+def _layerdrop(recipe: TinyMathRecipe, rng: random.Random) -> tuple[int, ...]:
+    if recipe.layerdrop_prob <= 0 or rng.random() >= recipe.layerdrop_prob:
+        return ()
+    eligible = range(recipe.layerdrop_keep, recipe.num_layers - recipe.layerdrop_keep)
+    k = rng.randint(1, min(recipe.layerdrop_max_k, len(eligible)))
+    return tuple(sorted(rng.sample(eligible, k)))
+
+
 def build_tokenizer(recipe: TinyMathRecipe, seed: int) -> PreTrainedTokenizerFast:
     problems = generate_problems(4000, "train", seed=seed, levels=recipe.levels)
     texts = [
@@ -151,7 +166,8 @@ def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: boo
         if not batches:
             batches = _length_bucketed_batches(examples, recipe.batch_size, rng)
         ids, attn, labels = _collate(examples, batches.pop(), tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        with skip_layers(model, _layerdrop(recipe, rng)):
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
