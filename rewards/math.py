@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 from .completions import completion_text
 from .verifier import MathVerifier
@@ -18,16 +19,18 @@ from .verifier import MathVerifier
 DEFAULT_TIMEOUT_S = float(os.environ.get("REFT_VERIFY_TIMEOUT", "1.0"))
 
 _verifier: MathVerifier | None = None
+_verifier_lock = threading.Lock()
 
 
 def get_verifier(num_workers: int = 1, timeout: float = DEFAULT_TIMEOUT_S) -> MathVerifier:
     """The process-wide verifier, rebuilt if asked for another size or timeout."""
     global _verifier
-    if _verifier is None or (_verifier.num_workers, _verifier.timeout) != (num_workers, timeout):
-        if _verifier is not None:
-            _verifier.close()
-        _verifier = MathVerifier(num_workers=num_workers, timeout=timeout)
-    return _verifier
+    with _verifier_lock:  # reward functions may be called from several threads at once
+        if _verifier is None or (_verifier.num_workers, _verifier.timeout) != (num_workers, timeout):
+            if _verifier is not None:
+                _verifier.close()
+            _verifier = MathVerifier(num_workers=num_workers, timeout=timeout)
+        return _verifier
 
 
 def accuracy_reward(completions, solution, *, timeout: float | None = None, num_workers: int = 1,
