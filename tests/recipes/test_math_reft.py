@@ -9,7 +9,7 @@ from recipes.math_reft import main
 ARGS = [
     "--config", "recipes/configs/math_reft_tiny.yaml", "--eval_limit", "8", "--eval_max_new_tokens", "24",
     "--max_completion_length", "24", "--per_device_train_batch_size", "8", "--num_generations", "4",
-    "--save_steps", "1", "--full_model_probe_every", "1", "--use_cpu", "true",
+    "--save_steps", "1", "--full_model_probe_every", "1", "--use_cpu", "true", "--skip_ratio", "0.34",
 ]
 
 
@@ -18,7 +18,7 @@ def test_recipe_trains_reports_and_resumes(small_model_dir, tmp_path):
     out = tmp_path / "run"
     summary = main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(out), "--max_steps", "2"])
     assert summary["steps"] == 2 and len(summary["skip_history"]) == 2
-    assert all(len(s) == 2 for s in summary["skip_history"])  # round(0.25 * 6) layers
+    assert all(len(s) == 2 for s in summary["skip_history"])  # round(0.34 * 6) layers
     assert 0 <= summary["before"]["accuracy"] <= 1 and 0 <= summary["after"]["accuracy"] <= 1
     assert 0 < summary["mean_ess"] <= 1 and summary["behavior_tokens_per_s"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
