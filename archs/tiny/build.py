@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class TinyMathRecipe:
     layerdrop_prob: float = 0.0
     layerdrop_max_k: int = 2
     layerdrop_keep: int = 2
-    extra: dict = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class Rollouts:
     skip: tuple[int, ...] = ()
     generate_seconds: float = 0.0  # sampling only
     logprob_seconds: float = 0.0  # scoring the samples under the behavior model, if separate
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
