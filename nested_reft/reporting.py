@@ -23,6 +23,27 @@ class JsonlMetricsCallback(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
 
+class HeldOutEvalCallback(TrainerCallback):
+    """Every `every` optimizer steps, runs `evaluate()` (returning an accuracy in [0, 1]) and logs it
+    as `heldout/accuracy`, so the held-out curve lands in metrics.jsonl beside the training metrics."""
+
+    def __init__(self, evaluate, every: int):
+        if every < 1:
+            raise ValueError(f"eval_every must be >= 1 to evaluate during training, got {every!r}")
+        self.evaluate, self.every = evaluate, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            control.should_log = True
+            self._pending = self.evaluate()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pending = getattr(self, "_pending", None)
+        if pending is not None and logs is not None:
+            logs["heldout/accuracy"] = pending
+            self._pending = None
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
 
@@ -36,10 +57,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 PANELS = (
     ("reward", ("reward",), "mean reward"),
-    ("accuracy", ("rewards/accuracy_reward/mean",), "train accuracy (sampled)"),
+    ("accuracy", ("rewards/accuracy_reward/mean", "heldout/accuracy"), "accuracy"),
     ("ess", ("correction/ess",), "effective sample size"),
     ("tokens/s", ("rollout/behavior_tokens_per_s", "rollout/full_tokens_per_s"), "rollout tokens/s"),
 )
+
+
+LABELS = {"rewards/accuracy_reward/mean": "train (sampled)", "heldout/accuracy": "held-out greedy"}
 
 
 def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None) -> Path:
@@ -54,7 +78,7 @@ def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals:
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
-                label = key.split("/")[-1].replace("_tokens_per_s", "")
+                label = LABELS.get(key, key.split("/")[-1].replace("_tokens_per_s", ""))
                 ax.plot(*zip(*pts), marker=".", label=label)
         if name == "accuracy" and evals:
             for label, (step, acc) in evals.items():

@@ -25,7 +25,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from nested_reft.config import NestedReFTConfig
 from nested_reft.data import load_math_dataset
 from nested_reft.evaluation import evaluate_math
-from nested_reft.reporting import JsonlMetricsCallback, plot_training, read_jsonl
+from nested_reft.reporting import HeldOutEvalCallback, JsonlMetricsCallback, plot_training, read_jsonl
 from nested_reft.trainer import NestedReFTTrainer
 from rewards.math import accuracy_reward, format_reward
 
@@ -44,6 +44,7 @@ class MathReFTArguments:
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     eval_limit: int | None = field(default=300, metadata={"help": "Evaluate on at most this many held-out rows."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
+    eval_every: int = field(default=0, metadata={"help": "Also evaluate held-out greedy accuracy every N steps (0: only before and after); logged as heldout/accuracy."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call in the held-out evaluation."})
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build."})
@@ -80,10 +81,10 @@ def main(argv=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype or "auto",
                                                  attn_implementation=model_args.attn_implementation)
 
-    def held_out(label):
+    def held_out(label, model=model):
         r = evaluate_math(model, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,
                           max_new_tokens=script_args.eval_max_new_tokens, progress=True)
-        logger.info("held-out greedy accuracy %s training: %.1f%% (%d problems)", label, 100 * r.accuracy, r.n)
+        logger.info("held-out greedy accuracy %s: %.1f%% (%d problems)", label, 100 * r.accuracy, r.n)
         return r
 
     summary_path = out / "summary.json"
@@ -93,20 +94,23 @@ def main(argv=None) -> dict:
         before = previous["before"]  # the run is resumed: the untrained model was evaluated already
         logger.info("resuming from %s", resume)
     else:
-        before = held_out("before").as_dict()
+        before = held_out("before training").as_dict()
         summary_path.write_text(json.dumps({"before": before}, indent=2))
 
     trainer = NestedReFTTrainer(
         model=model, reward_funcs=[accuracy_reward, format_reward], args=training_args,
         train_dataset=train, processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")],
     )
+    if script_args.eval_every > 0:  # before the JSONL writer, so its rows carry heldout/accuracy
+        trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model).accuracy,
+                                                 script_args.eval_every))
+    trainer.add_callback(JsonlMetricsCallback(out / "metrics.jsonl"))
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
     model = trainer.model
-    after = held_out("after").as_dict()
+    after = held_out("after training", trainer.model).as_dict()
 
     rows = read_jsonl(out / "metrics.jsonl")
     step_rows = [r for r in rows if "correction/ess" in r]

@@ -16,13 +16,16 @@ ARGS = [
 @pytest.mark.slow
 def test_recipe_trains_reports_and_resumes(small_model_dir, tmp_path):
     out = tmp_path / "run"
-    summary = main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(out), "--max_steps", "2"])
+    summary = main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(out), "--max_steps", "2",
+                    "--eval_every", "1"])
     assert summary["steps"] == 2 and len(summary["skip_history"]) == 2
     assert all(len(s) == 2 for s in summary["skip_history"])  # round(0.34 * 6) layers
     assert 0 <= summary["before"]["accuracy"] <= 1 and 0 <= summary["after"]["accuracy"] <= 1
     assert 0 < summary["mean_ess"] <= 1 and summary["behavior_tokens_per_s"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "correction/ess" in r] == [1, 2]
+    # held-out accuracy during training (not at the last step: the final evaluation covers it)
+    assert [r["step"] for r in rows if "heldout/accuracy" in r] == [1]
     assert (out / "training.png").stat().st_size > 10_000
     assert (out / "final" / "config.json").exists()
     # interrupted runs resume from their last checkpoint: ask for one more step
