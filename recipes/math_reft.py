@@ -25,7 +25,12 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from nested_reft.config import NestedReFTConfig
 from nested_reft.data import load_math_dataset
 from nested_reft.evaluation import evaluate_math
-from nested_reft.reporting import HeldOutEvalCallback, JsonlMetricsCallback, plot_training, read_jsonl
+from nested_reft.reporting import (
+    HeldOutEvalCallback,
+    JsonlMetricsCallback,
+    plot_training,
+    read_jsonl,
+)
 from nested_reft.trainer import NestedReFTTrainer
 from rewards.math import accuracy_reward, format_reward
 
