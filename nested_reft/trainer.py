@@ -126,9 +126,12 @@ class NestedReFTTrainer(GRPOTrainer):
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
         old = output.get("old_per_token_logps")
+        behavior = output.get("sampling_per_token_logps")
+        if old is None and behavior is None and not self._round_skip:
+            # μ is π_old itself (same weights, nothing skipped): d_t = 0 exactly, no forward needed
+            old = behavior = torch.zeros_like(mask, dtype=torch.float32)
         if old is None:  # TRL skips it when π_old equals the policy at loss time; we need it for w_t
             old = self._policy_logps(output)
-        behavior = output.get("sampling_per_token_logps")
         if behavior is None:  # an engine that shares our weights: score with the same forward as π_old
             if self._round_skip:
                 with skip_layers(self.model, self._round_skip):

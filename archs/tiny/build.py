@@ -53,6 +53,7 @@ class TinyMathRecipe:
     layerdrop_prob: float = 0.0
     layerdrop_max_k: int = 2
     layerdrop_keep: int = 2
+    layerdrop_start: float = 0.0  # LayerDrop only after this fraction of the steps (a curriculum)
 
 
 def default_cache_dir() -> Path:
@@ -62,10 +63,16 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+# Options added after a version shipped: at their neutral value they stay out of the cache key,
+# so existing caches of the same model stay valid.
+OPTIONS_ADDED_LATER = {"layerdrop_start": 0.0}
+
+
 def _cache_key(recipe: TinyMathRecipe, seed: int) -> str:
     import hashlib
 
-    blob = json.dumps({"v": TINY_MATH_VERSION, "seed": seed, **asdict(recipe)}, sort_keys=True)
+    fields = {k: v for k, v in asdict(recipe).items() if OPTIONS_ADDED_LATER.get(k, object()) != v}
+    blob = json.dumps({"v": TINY_MATH_VERSION, "seed": seed, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -106,7 +113,9 @@ def _collate(examples, batch, pad_id: int):
     return ids, attn, labels
 
 
-def _layerdrop(recipe: TinyMathRecipe, rng: random.Random) -> tuple[int, ...]:
+def _layerdrop(recipe: TinyMathRecipe, rng: random.Random, step: int) -> tuple[int, ...]:
+    if step < recipe.layerdrop_start * recipe.steps:
+        return ()
     if recipe.layerdrop_prob <= 0 or rng.random() >= recipe.layerdrop_prob:
         return ()
     eligible = range(recipe.layerdrop_keep, recipe.num_layers - recipe.layerdrop_keep)
@@ -165,7 +174,7 @@ def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: boo
         if not batches:
             batches = _length_bucketed_batches(examples, recipe.batch_size, rng)
         ids, attn, labels = _collate(examples, batches.pop(), tokenizer.pad_token_id)
-        with skip_layers(model, _layerdrop(recipe, rng)):
+        with skip_layers(model, _layerdrop(recipe, rng, _step)):
             loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
