@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install, run the default math recipe on the embedded tiny model
 #   make test   create .venv, install with the dev extra, run the test suite
+#   make demo-r1t1   R1-T1 translation default: SFT cold start, then GRPO, on the toy pair
 # PYTHON picks the interpreter for the venv; pip's own environment (find-links to the CPU torch
 # wheel on this project's machines) is used as it is.
 
@@ -9,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev lint clean
+.PHONY: demo demo-r1t1 test install install-dev lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/python -m recipes.math_reft --config recipes/configs/math_reft_tiny.yaml $(DEMO_ARGS)
+
+# R1-T1 on the embedded Toylang pair: supervised cold start, then GRPO from it.
+demo-r1t1: install
+	$(BIN)/python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml $(SFT_ARGS)
+	$(BIN)/python -m recipes.translate_r1t1 --config recipes/configs/translate_r1t1_toy.yaml $(R1T1_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -66,23 +66,26 @@ PANELS = (
 LABELS = {"rewards/accuracy_reward/mean": "train (sampled)", "heldout/accuracy": "held-out greedy"}
 
 
-def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None) -> Path:
-    """Reward, sampled accuracy, ESS and behavior vs full-model tokens/s over steps."""
+def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None,
+                  panels=PANELS, eval_panel: str = "accuracy", eval_label: str = "held-out greedy") -> Path:
+    """Curves over steps, one panel per (name, metric keys, y label); by default reward, sampled
+    accuracy, ESS and behavior vs full-model tokens/s. `evals` ({label: (step, value)}) are drawn
+    as stars on the panel named `eval_panel`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (name, keys, ylabel) in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, keys, ylabel) in zip(axes[0], panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 label = LABELS.get(key, key.split("/")[-1].replace("_tokens_per_s", ""))
                 ax.plot(*zip(*pts), marker=".", label=label)
-        if name == "accuracy" and evals:
-            for label, (step, acc) in evals.items():
-                ax.scatter([step], [acc], marker="*", s=120, zorder=3, label=f"held-out greedy ({label})")
+        if name == eval_panel and evals:
+            for label, (step, value) in evals.items():
+                ax.scatter([step], [value], marker="*", s=120, zorder=3, label=f"{eval_label} ({label})")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

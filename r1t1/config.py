@@ -1,0 +1,52 @@
+"""`R1T1Config`: the Nested-ReFT config (TRL's GRPOConfig underneath) plus R1-T1's fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nested_reft.config import NestedReFTConfig
+from rewards.translation import METRICS
+
+from .templates import SELECTION_MODES, TEMPLATE_NAMES
+
+KL_MODES = ("loss", "reward")
+
+
+@dataclass
+class R1T1Config(NestedReFTConfig):
+    """GRPO for translation reasoners (SPEC §2), on the Nested-ReFT trainer.
+
+    `beta` (TRL's field) is the KL coefficient in both modes. kl_mode='loss' is TRL's k3 term in
+    the loss (the authors' released code); kl_mode='reward' subtracts β · Σ_t (log π_θ − log π_ref)
+    per sequence from the reward before group advantages (the paper's KL-constrained reward).
+    Set skip_ratio > 0 to sample rollouts from layer-skipped copies of the policy (Nested-ReFT).
+    """
+
+    kl_mode: str = field(default="loss", metadata={"help": f"Where the KL to the reference model goes: one of {KL_MODES}. 'loss': beta * k3 per token in the loss (TRL). 'reward': beta * sum_t(log pi_theta - log pi_ref) subtracted from each sequence's reward before advantages.", "choices": list(KL_MODES)})
+    template_mode: str = field(default="fixed", metadata={"help": f"How each example's CoT template is chosen: one of {SELECTION_MODES} ('by_rule' needs a rule passed in code).", "choices": list(SELECTION_MODES)})
+    template: str = field(default="hierarchical", metadata={"help": f"The template of template_mode='fixed': one of {TEMPLATE_NAMES}."})
+    templates: list[str] | None = field(default=None, metadata={"help": "The templates template_mode='random' draws from (default: all six)."})
+    reward_metric: str = field(default="chrf", metadata={"help": f"Quality Q of the format-gated reward: one of {METRICS}. 'comet' needs comet_model.", "choices": list(METRICS)})
+    comet_model: str | None = field(default=None, metadata={"help": "Local COMET checkpoint (a .ckpt file or a model folder) for reward_metric='comet'."})
+
+    def __post_init__(self):
+        self.validate_r1t1()
+        super().__post_init__()
+
+    def validate_r1t1(self) -> None:
+        if self.kl_mode not in KL_MODES:
+            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
+        if self.template_mode not in SELECTION_MODES:
+            raise ValueError(f"template_mode must be one of {SELECTION_MODES}, got {self.template_mode!r}")
+        for name in [self.template] + list(self.templates or []):
+            if name not in TEMPLATE_NAMES:
+                raise ValueError(f"unknown template {name!r}; templates are {', '.join(TEMPLATE_NAMES)}")
+        if self.reward_metric not in METRICS:
+            raise ValueError(f"reward_metric must be one of {METRICS}, got {self.reward_metric!r}")
+        if self.reward_metric == "comet" and not self.comet_model:
+            raise ValueError("reward_metric='comet' needs comet_model, the path of a local COMET checkpoint")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        if self.kl_mode == "reward" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("kl_mode='reward' subtracts the KL from the summed reward: it needs "
+                             f"multi_objective_aggregation='sum_then_normalize', got {self.multi_objective_aggregation!r}")

@@ -1,0 +1,219 @@
+"""Translation data: Flores folders, parallel TSV / JSONL, CoT corpora, and direction lists.
+
+- Flores-101: `{root}/{split}/{lang}.{split}` with ISO 639-3 stems (`eng.devtest`);
+  Flores-200: the same with `eng_Latn.devtest`. One sentence per line, lines aligned across languages.
+- Parallel TSV: `src<TAB>tgt` per line (an optional header `src\ttgt[\tsrc_lang\ttgt_lang]`).
+- Parallel JSONL: objects with `src`, `tgt` and optional `src_lang`, `tgt_lang`.
+- CoT JSONL (supervised cold start): `src`, `tgt`, `template`, `cot` (+ optional languages).
+
+Every error names the file, the line and the bad value. Loaders return plain lists of dicts with
+`src`, `tgt`, `src_lang`, `tgt_lang` (and `template`, `cot` for CoT corpora).
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import permutations
+from pathlib import Path
+
+from .languages import language
+from .templates import TEMPLATE_NAMES
+
+FLORES_SPLITS = ("dev", "devtest")
+
+
+# ------------------------------------------------------------------------------------ directions
+
+
+def parse_direction(direction: str) -> tuple[str, str]:
+    """'de-en', 'de→en', 'deu_Latn-eng_Latn' or ('de', 'en') → ('de', 'en') as short codes."""
+    if isinstance(direction, (tuple, list)) and len(direction) == 2:
+        src, tgt = direction
+    elif isinstance(direction, str):
+        for sep in ("→", "->", "-", ":"):
+            if sep in direction:
+                src, _, tgt = direction.partition(sep)
+                break
+        else:
+            raise ValueError(f"direction {direction!r} must look like 'de-en' or 'de→en'")
+    else:
+        raise ValueError(f"direction {direction!r} must look like 'de-en' or 'de→en'")
+    src_lang, tgt_lang = language(src.strip()), language(tgt.strip())
+    if src_lang == tgt_lang:
+        raise ValueError(f"direction {direction!r} translates a language into itself")
+    return src_lang.code, tgt_lang.code
+
+
+def directions(langs, mode: str = "xx-en", pivot: str = "en") -> list[tuple[str, str]]:
+    """Direction lists: 'xx-en' (every language into the pivot), 'en-xx' (out of it), 'both', or
+    'all' (every ordered pair). `langs` may include the pivot; it is never paired with itself."""
+    codes = list(dict.fromkeys(language(lang).code for lang in langs))
+    hub = language(pivot).code
+    others = [c for c in codes if c != hub]
+    if mode == "xx-en":
+        out = [(c, hub) for c in others]
+    elif mode == "en-xx":
+        out = [(hub, c) for c in others]
+    elif mode == "both":
+        out = [(c, hub) for c in others] + [(hub, c) for c in others]
+    elif mode == "all":
+        out = list(permutations(codes, 2))
+    else:
+        raise ValueError(f"direction mode must be 'xx-en', 'en-xx', 'both' or 'all', got {mode!r}")
+    if not out:
+        raise ValueError(f"no directions: languages {list(langs)!r} with mode {mode!r} and pivot {pivot!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ Flores
+
+
+def flores_file(root: str | Path, lang: str, split: str = "devtest") -> Path:
+    """The Flores file of `lang` in `root`: Flores-200 name first, then Flores-101, then the code."""
+    if split not in FLORES_SPLITS:
+        raise ValueError(f"Flores split must be one of {FLORES_SPLITS}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Flores folder {str(root)!r} does not exist")
+    lang_ = language(lang)
+    tried = []
+    for stem in dict.fromkeys((lang_.flores200, lang_.flores101, lang_.code)):
+        for folder in (root / split, root):
+            path = folder / f"{stem}.{split}"
+            tried.append(str(path))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"no Flores file for {lang!r} ({split}); tried {', '.join(tried)}")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def load_flores(root: str | Path, direction, split: str = "devtest", limit: int | None = None) -> list[dict]:
+    """Aligned sentence pairs of one direction from a Flores-101 or Flores-200 folder."""
+    src, tgt = parse_direction(direction)
+    src_path, tgt_path = flores_file(root, src, split), flores_file(root, tgt, split)
+    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    if len(src_lines) != len(tgt_lines):
+        raise ValueError(f"unequal line counts: {src_path} has {len(src_lines)} lines, {tgt_path} has {len(tgt_lines)}")
+    if not src_lines:
+        raise ValueError(f"{src_path} is empty")
+    for path, lines in ((src_path, src_lines), (tgt_path, tgt_lines)):
+        empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+        if empty:
+            raise ValueError(f"{path}: line {empty[0]} is empty (Flores files have one sentence per line)")
+    rows = [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt} for s, t in zip(src_lines, tgt_lines)]
+    return rows[:limit] if limit is not None else rows
+
+
+# ------------------------------------------------------------------------------------ parallel files
+
+
+def _langs(row_src, row_tgt, src_lang, tgt_lang, where: str) -> tuple[str, str]:
+    src, tgt = row_src or src_lang, row_tgt or tgt_lang
+    if not src or not tgt:
+        raise ValueError(f"{where}: no src_lang/tgt_lang in the row and none given to the loader")
+    try:
+        return parse_direction((src, tgt))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_parallel_tsv(path: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> list[dict]:
+    lines = read_lines(path)
+    rows = []
+    header = lines[0].split("\t") if lines else []
+    start = 1 if header[:2] == ["src", "tgt"] else 0
+    for i, line in enumerate(lines[start:], start + 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) not in (2, 4):
+            raise ValueError(f"{path}:{i}: expected 2 tab-separated columns (src, tgt) or 4 (+ src_lang, tgt_lang), got {len(cols)}")
+        if not cols[0].strip() or not cols[1].strip():
+            raise ValueError(f"{path}:{i}: empty source or target")
+        src, tgt = _langs(*(cols[2:4] if len(cols) == 4 else (None, None)), src_lang, tgt_lang, f"{path}:{i}")
+        rows.append({"src": cols[0], "tgt": cols[1], "src_lang": src, "tgt_lang": tgt})
+    if not rows:
+        raise ValueError(f"{path} has no sentence pairs")
+    return rows
+
+
+def _jsonl_objects(path: str | Path):
+    for i, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
+
+
+def _text_field(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def load_parallel_jsonl(path: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> list[dict]:
+    rows = []
+    for i, obj in _jsonl_objects(path):
+        where = f"{path}:{i}"
+        src, tgt = _langs(obj.get("src_lang"), obj.get("tgt_lang"), src_lang, tgt_lang, where)
+        rows.append({"src": _text_field(obj, "src", where), "tgt": _text_field(obj, "tgt", where),
+                     "src_lang": src, "tgt_lang": tgt})
+    if not rows:
+        raise ValueError(f"{path} has no sentence pairs")
+    return rows
+
+
+def load_cot_jsonl(path: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> list[dict]:
+    """A CoT corpus for the supervised cold start: rows with src, tgt, template, cot (+ languages)."""
+    rows = []
+    for i, obj in _jsonl_objects(path):
+        where = f"{path}:{i}"
+        src, tgt = _langs(obj.get("src_lang"), obj.get("tgt_lang"), src_lang, tgt_lang, where)
+        template = obj.get("template")
+        if template not in TEMPLATE_NAMES:
+            raise ValueError(f"{where}: unknown template {template!r}; templates are {', '.join(TEMPLATE_NAMES)}")
+        rows.append({"src": _text_field(obj, "src", where), "tgt": _text_field(obj, "tgt", where),
+                     "src_lang": src, "tgt_lang": tgt, "template": template, "cot": _text_field(obj, "cot", where)})
+    if not rows:
+        raise ValueError(f"{path} has no examples")
+    return rows
+
+
+def load_parallel(path: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> list[dict]:
+    """A parallel file by extension: .tsv or .jsonl."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".tsv":
+        return load_parallel_tsv(path, src_lang, tgt_lang)
+    if suffix in (".jsonl", ".json"):
+        return load_parallel_jsonl(path, src_lang, tgt_lang)
+    raise ValueError(f"{path}: unknown parallel format {suffix!r}; use .tsv or .jsonl")
+
+
+def write_flores(root: str | Path, split: str, sentences: dict[str, list[str]], naming: str = "flores200") -> None:
+    """Write aligned sentences as a Flores folder (`naming` 'flores200' or 'flores101')."""
+    if naming not in ("flores200", "flores101"):
+        raise ValueError(f"naming must be 'flores200' or 'flores101', got {naming!r}")
+    folder = Path(root) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang, lines in sentences.items():
+        stem = getattr(language(lang), naming)
+        (folder / f"{stem}.{split}").write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")

@@ -1,0 +1,114 @@
+"""What the translation recipes share: data arguments, held-out rows, model loading, the plot."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nested_reft.reporting import plot_training
+from r1t1.data import load_flores, load_parallel
+from r1t1.evaluation import TranslationScores, evaluate_translation
+from r1t1.templates import SYSTEM_PROMPT, TemplateSelector, build_prompt
+from r1t1.toy import build_toy_model, toy_rows
+
+logger = logging.getLogger("recipes.translation")
+
+
+@dataclass
+class TranslationDataArguments:
+    src_lang: str | None = field(default=None, metadata={"help": "Source language for files whose rows do not name one (code or name)."})
+    tgt_lang: str | None = field(default=None, metadata={"help": "Target language for files whose rows do not name one."})
+    eval_path: str | None = field(default=None, metadata={"help": "Held-out parallel file (.tsv or .jsonl). Default: the Toylang test split."})
+    eval_flores_dir: str | None = field(default=None, metadata={"help": "Held-out Flores-101/200 folder (with eval_direction; overrides eval_path)."})
+    eval_direction: str | None = field(default=None, metadata={"help": "Direction of the Flores held-out set, e.g. 'de-en'."})
+    eval_split: str = field(default="devtest", metadata={"help": "Flores split of the held-out set: dev or devtest."})
+    eval_limit: int | None = field(default=200, metadata={"help": "Evaluate on at most this many held-out sentences."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call in the held-out evaluation."})
+    eval_sampled: bool = field(default=True, metadata={"help": "Also report chrF of sampled translations (temperature 1), the quality GRPO's groups see."})
+    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "System message of every prompt ('' for none)."})
+    tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
+    tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build and of the Toylang data."})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads for this run (on a shared CPU, 1 avoids thread contention)."})
+
+
+def set_threads(a: TranslationDataArguments) -> None:
+    if a.torch_threads is not None:
+        if a.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {a.torch_threads!r}")
+        torch.set_num_threads(a.torch_threads)
+
+
+def prompt_rows(rows: list[dict], selector: TemplateSelector, system_prompt: str | None) -> list[dict]:
+    """Add `prompt` (chat messages, the selected template) and `ref` to loaded pairs."""
+    out = []
+    for r in rows:
+        template = selector.select(r["src"], r["src_lang"], r["tgt_lang"])
+        out.append({**r, "ref": r["tgt"], "template": template.name,
+                    "prompt": build_prompt(r["src"], r["src_lang"], r["tgt_lang"], template, system_prompt or None)})
+    return out
+
+
+def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector) -> list[dict]:
+    if a.eval_flores_dir:
+        if not a.eval_direction:
+            raise ValueError("eval_flores_dir needs eval_direction, e.g. 'de-en'")
+        rows = load_flores(a.eval_flores_dir, a.eval_direction, a.eval_split, limit=a.eval_limit)
+    elif a.eval_path:
+        rows = load_parallel(a.eval_path, a.src_lang, a.tgt_lang)[: a.eval_limit]
+    else:
+        return toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=a.system_prompt or None)
+    return prompt_rows(rows, selector, a.system_prompt)
+
+
+def load_model(model_path: str, model_args):
+    if not Path(model_path).exists() and ("/" not in model_path or model_path.startswith((".", "/", "outputs"))):
+        raise FileNotFoundError(f"model {model_path!r} does not exist (for the R1-T1 default, run "
+                                "`python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml` first)")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype or "auto",
+                                                 attn_implementation=model_args.attn_implementation)
+    return model, tokenizer
+
+
+def embedded_model(a: TranslationDataArguments) -> str:
+    logger.info("no --model_name_or_path: using the embedded tiny Toylang model")
+    return str(build_toy_model(a.tiny_cache_dir, seed=a.tiny_seed))
+
+
+def held_out(model, tokenizer, rows, a: TranslationDataArguments, label: str, seed: int) -> dict:
+    """Greedy (and optionally sampled) held-out scores, logged and returned as a dict."""
+    out = {}
+    for kind, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        if kind == "sampled" and not a.eval_sampled:
+            continue
+        s: TranslationScores = evaluate_translation(model, tokenizer, rows, temperature=temperature,
+                                                    max_new_tokens=a.eval_max_new_tokens,
+                                                    batch_size=a.eval_batch_size, seed=seed, progress=True)
+        logger.info("held-out %s %s: chrF %.2f, BLEU %.2f, format %.1f%%, reward %.3f (%d sentences)", kind, label,
+                    s.chrf, s.bleu, 100 * s.format_rate, s.mean_reward, s.n)
+        out[kind] = s.as_dict()
+        if kind == "greedy":
+            out["example"] = {"src": s.samples[0][0], "completion": s.samples[0][1], "ref": s.samples[0][2]}
+    return out
+
+
+def print_table(before: dict, after: dict, after_label: str) -> None:
+    print("\n| | held-out chrF (greedy) | chrF (sampled T=1) | BLEU (greedy) | format valid |")
+    print("|---|---|---|---|---|")
+    for label, r in (("before", before), (after_label, after)):
+        sampled = f"{r['sampled']['chrf']:.2f}" if "sampled" in r else "-"
+        g = r["greedy"]
+        print(f"| {label} | {g['chrf']:.2f} | {sampled} | {g['bleu']:.2f} | {g['format_rate']:.1%} |")
+    print(f"\n{after['greedy']['chrf_signature']}\n{after['greedy']['bleu_signature']}")
+    print(f"example: {after['example']['src']!r}\n  -> {after['example']['completion']!r}\n  ref {after['example']['ref']!r}")
+
+
+def plot(rows, out_png, title, before, after, steps, panels):
+    return plot_training(rows, out_png, title=title, panels=panels, eval_panel="chrf", eval_label="held-out chrF",
+                         evals={"before": (0, before["greedy"]["chrf"]), "after": (steps, after["greedy"]["chrf"])})

@@ -1,0 +1,108 @@
+"""CoT templates, the selector, prompts, and the Toylang traces that follow them."""
+
+from collections import Counter
+
+import pytest
+
+from archs.tiny.translation_task import TOY_LAYOUTS, generate_pairs, make_pair, toy_cot
+from r1t1.templates import (
+    SYSTEM_PROMPT,
+    TEMPLATE_NAMES,
+    TEMPLATES,
+    TemplateSelector,
+    build_prompt,
+    format_completion,
+    get_template,
+)
+from r1t1.toy import toy_rows
+from rewards.translation import extract_answer, format_valid, translation_reward
+
+
+def test_six_templates_in_spec_order_with_steps():
+    assert TEMPLATE_NAMES == ("hierarchical", "triangulating", "back_translation", "context_aware",
+                              "explanation", "structural")
+    assert TEMPLATES["hierarchical"].steps[0] == "core elements" and TEMPLATES["hierarchical"].steps[-1] == "final review"
+    assert len(TEMPLATES["back_translation"].steps) == 6
+    assert all(t.instruction and t.example and len(t.steps) >= 3 for t in TEMPLATES.values())
+    with pytest.raises(ValueError, match="unknown template 'haiku'"):
+        get_template("haiku")
+
+
+def test_selector_modes():
+    assert TemplateSelector("fixed", template="structural").select("x", "en", "de").name == "structural"
+    sel = TemplateSelector("random", seed=3)
+    picks = [sel.select(f"sentence {i}", "en", "de").name for i in range(600)]
+    assert picks == [sel.select(f"sentence {i}", "en", "de").name for i in range(600)]  # a function of the example
+    counts = Counter(picks)
+    assert set(counts) == set(TEMPLATE_NAMES) and min(counts.values()) > 60  # roughly uniform (100 expected)
+    other_seed = [TemplateSelector("random", seed=4).select(f"sentence {i}", "en", "de").name for i in range(600)]
+    assert other_seed != picks
+    two = TemplateSelector("random", templates=["explanation", "structural"])
+    assert {two.select(f"s{i}", "en", "de").name for i in range(50)} == {"explanation", "structural"}
+    rule = TemplateSelector("by_rule", rule=lambda text, s, t: "structural" if len(text.split()) > 3 else "explanation")
+    assert rule.select("a b c d e", "en", "de").name == "structural"
+    assert rule.select("a b", "en", "de").name == "explanation"
+
+
+def test_selector_errors():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TemplateSelector("smart")
+    with pytest.raises(ValueError, match="callable rule"):
+        TemplateSelector("by_rule")
+    bad = TemplateSelector("by_rule", rule=lambda *a: "sonnet")
+    with pytest.raises(ValueError, match="template rule returned 'sonnet'"):
+        bad.select("text", "en", "de")
+    with pytest.raises(ValueError, match="unknown language 'xx'"):
+        TemplateSelector().select("text", "xx", "de")
+
+
+def test_prompt_asks_for_the_format_in_chat_messages():
+    msgs = build_prompt("Die Katze schläft.", "de", "en", "back_translation")
+    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert "<think></think>" in SYSTEM_PROMPT and "<answer></answer>" in SYSTEM_PROMPT
+    user = msgs[1]["content"]
+    assert user.startswith(TEMPLATES["back_translation"].instruction)
+    assert user.endswith("Translate from German to English:\nDie Katze schläft.")
+    assert build_prompt("x", "en", "de", system_prompt=None)[0]["role"] == "user"
+    with pytest.raises(ValueError, match="non-empty string"):
+        build_prompt("  ", "en", "de")
+
+
+def test_toy_traces_exist_for_every_template_and_complete_to_valid_answers():
+    assert set(TOY_LAYOUTS) == set(TEMPLATE_NAMES)
+    for pair in generate_pairs(30, seed=2):
+        for name in TEMPLATE_NAMES:
+            completion = format_completion(toy_cot(pair, name), pair.tgt)
+            assert format_valid(completion) and extract_answer(completion) == pair.tgt
+            assert translation_reward([completion], [pair.src], [pair.tgt]) == [pytest.approx(1.2)]
+
+
+def test_toylang_grammar_on_a_known_sentence():
+    import random
+
+    rng = random.Random(0)
+    pairs = [make_pair(rng) for _ in range(400)]
+    # rules checked on generated text: SOV, adjectives after nouns, suffixes
+    ex = next(p for p in pairs if p.past and len(p.phrases) == 4 and len(p.phrases[1].gloss) == 2)
+    place, subj, obj, verb = ex.phrases
+    assert ex.tgt.split()[0] == place.gloss[0][1] and ex.tgt.split()[-1] == verb.gloss[0][1]
+    assert verb.gloss[0][1].endswith("ta") and obj.gloss[0][1].endswith("ko")
+    assert ex.tgt.split()[1:3] == [subj.gloss[0][1], subj.gloss[1][1]]  # noun, then its adjective
+    assert "the" not in ex.tgt.split() and "a" not in ex.tgt.split()
+
+
+def test_toy_splits_are_disjoint_and_deterministic():
+    train = {p.src for p in generate_pairs(3000, "train", seed=0)}
+    test = [p.src for p in generate_pairs(200, "test", seed=0, unique=True)]
+    assert len(test) == 200 == len(set(test))
+    assert not train & set(test)
+    assert test == [p.src for p in generate_pairs(200, "test", seed=0, unique=True)]
+
+
+def test_toy_rows_carry_prompt_reference_and_cot():
+    rows = toy_rows("train", 12, selector=TemplateSelector("random"), with_cot=True)
+    for r in rows:
+        assert r["prompt"][-1]["content"].endswith(r["src"])
+        assert r["completion"][0]["content"] == format_completion(r["cot"], r["ref"])
+        assert r["cot"] == toy_cot(next(p for p in generate_pairs(12, seed=0) if p.src == r["src"]), r["template"])
+    assert len({r["template"] for r in rows}) > 1

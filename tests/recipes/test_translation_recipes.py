@@ -1,0 +1,81 @@
+"""Translation recipes: evaluation scores on Flores fixtures, and SFT → GRPO end to end in miniature."""
+
+import json
+
+import pytest
+from sacrebleu.metrics import BLEU, CHRF
+
+from r1t1.data import write_flores
+from recipes import evaluate_translation, translate_r1t1, translate_sft
+
+EN = ["the cat sleeps", "two dogs run fast", "it rains today", "we read books"]
+DE = ["die Katze schläft", "zwei Hunde rennen schnell", "heute regnet es", "wir lesen Bücher"]
+
+
+def test_evaluate_translation_scores_per_direction(tmp_path, monkeypatch):
+    write_flores(tmp_path / "flores", "devtest", {"en": EN, "de": DE})
+    by_prompt = {}
+    for src, tgt in zip(EN + DE, DE + EN):
+        by_prompt[src] = tgt
+
+    def fake_generate(model, prompts, temperature, max_new_tokens, batch_size, seed):
+        outs = []
+        for i, p in enumerate(prompts):
+            src = p[-1]["content"].rsplit("\n", 1)[-1]
+            ref = by_prompt[src]
+            hyp = ref if i % 2 == 0 else ref.split()[0]  # half perfect, half one word
+            outs.append(f"<think>t</think><answer>{hyp}</answer>" if i % 4 != 3 else f"<answer>{hyp}</answer>")
+        return outs
+
+    monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
+    results = evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"),
+                                         "--directions", "de-en,en→de", "--output_dir", str(tmp_path / "out")])
+    assert [r["direction"] for r in results] == ["de-en", "en-de"]
+    for r, refs in zip(results, (EN, DE)):
+        hyps = [ref if i % 2 == 0 else ref.split()[0] for i, ref in enumerate(refs)]
+        assert r["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
+        assert r["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+        assert r["format_rate"] == pytest.approx(0.75)  # the 4th output has no think block
+        assert r["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["directions"][1]["chrf"] == pytest.approx(results[1]["chrf"])
+    assert "| en-de | 4 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_evaluate_translation_input_errors(tmp_path):
+    write_flores(tmp_path / "flores", "devtest", {"en": EN, "de": DE[:3]})
+    with pytest.raises(ValueError, match="unequal line counts"):
+        evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "de-en"])
+    with pytest.raises(ValueError, match="unknown language 'xx'"):
+        evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "xx-en"])
+    with pytest.raises(FileNotFoundError, match="COMET checkpoint"):
+        evaluate_translation.main(["--model", "unused", "--toy", "--limit", "2", "--comet_model", str(tmp_path / "none")])
+
+
+def test_sft_then_grpo_end_to_end_in_miniature(tmp_path):
+    cache, sft_out, grpo_out = tmp_path / "cache", tmp_path / "sft", tmp_path / "grpo"
+    common = ["--eval_limit", "4", "--eval_max_new_tokens", "12", "--tiny_cache_dir", str(cache), "--report_to", "none",
+              "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no", "--system_prompt", ""]
+    sft = translate_sft.main(["--output_dir", str(sft_out), "--toy_train_size", "64", "--max_steps", "3",
+                              "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_length", "256",
+                              "--gradient_checkpointing", "false", "--eval_sampled", "false"] + common)
+    assert sft["steps"] == 3 and sft["train_examples"] == 64
+    assert 0 <= sft["after"]["greedy"]["chrf"] <= 100 and "sampled" not in sft["after"]
+    assert (sft_out / "final" / "config.json").exists() and (sft_out / "training.png").exists()
+    rows = [json.loads(line) for line in (sft_out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+    grpo = translate_r1t1.main(["--model_name_or_path", str(sft_out / "final"), "--output_dir", str(grpo_out),
+                                "--toy_train_size", "16", "--max_steps", "2", "--per_device_train_batch_size", "8",
+                                "--num_generations", "4", "--max_completion_length", "12", "--kl_mode", "reward",
+                                "--beta", "0.01", "--reward_weights", "1.0", "0.0", "--skip_ratio", "0.0"] + common)
+    assert grpo["steps"] == 2 and grpo["kl_mode"] == "reward"
+    assert grpo["chrf_gain"] == pytest.approx(grpo["after"]["greedy"]["chrf"] - grpo["before"]["greedy"]["chrf"])
+    rows = [json.loads(line) for line in (grpo_out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/kl_penalty/mean" in r for r in rows) and any("rewards/translation_chrf/mean" in r for r in rows)
+
+
+def test_grpo_recipe_names_a_missing_cold_start_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `python -m recipes.translate_sft"):
+        translate_r1t1.main(["--model_name_or_path", "outputs/nowhere/final", "--output_dir", str(tmp_path),
+                             "--toy_train_size", "8", "--eval_limit", "2", "--bf16", "false", "--report_to", "none"])
