@@ -145,7 +145,7 @@ def test_architectures_without_a_skip_aware_class_are_named(tmp_path, small_mode
         skip_architecture(["GPT2LMHeadModel"])
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path)
+    GPT2Config(n_layer=2, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         VLLMEngine(str(tmp_path), dtype="float32")
 
