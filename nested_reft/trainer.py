@@ -23,7 +23,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
 from .corrections import correction_weights, diagnostics
-from .engines import HFEngine, RolloutEngine, SamplingSpec
+from .engines import RolloutEngine, SamplingSpec
+from .engines.factory import build_engine
+from .engines.weights import changed_weights
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ class NestedReFTTrainer(GRPOTrainer):
     """GRPO with rollouts from a layer-skipped copy of the policy, corrected off-policy.
 
     Takes every argument of `trl.GRPOTrainer`; `args` is a `NestedReFTConfig`. `engine` may be
-    any `RolloutEngine`; by default an in-process `HFEngine` sharing the policy's weights.
+    any `RolloutEngine`; by default the one `args.engine` names (`hf`: an in-process `HFEngine`
+    sharing the policy's weights; `vllm` / `vllm_server`: an engine with its own copy of the
+    weights, synced before the first generation after each optimizer step, as TRL does).
     """
 
     def __init__(self, *args, engine: RolloutEngine | None = None, **kwargs):
@@ -53,8 +57,9 @@ class NestedReFTTrainer(GRPOTrainer):
             self.skip_controller = AdaptiveSkipController(
                 a.skip_ratio, a.ess_target, a.ess_band, a.skip_ratio_min, a.skip_ratio_max, a.skip_ratio_step
             )
-        self.engine = engine or HFEngine(policy, self._tokenizer, eos_token_ids=self.eos_token_ids,
-                                         batch_size=a.rollout_batch_size, score_logprobs=False)
+        truncating = bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+        self.engine = engine or build_engine(a, policy, self._tokenizer, self.eos_token_ids, truncating)
+        self._synced_step: int | None = None
         self._round = 0
         self._round_skip: tuple[int, ...] = ()
         self._full_tokens_per_s: float | None = None
@@ -71,6 +76,7 @@ class NestedReFTTrainer(GRPOTrainer):
         if images is not None and any(img is not None for img in images) or multimodal_fields:
             raise ValueError("Nested-ReFT rollout engines generate text only; this batch has images")
         mode = "train" if self.model.training else "eval"
+        self._sync_engine_weights(mode)
         skip = self.skip_policy.draw() if mode == "train" else ()  # evaluation uses the target model
         self.engine.set_skip(skip)
         self._round_skip = skip
@@ -93,6 +99,21 @@ class NestedReFTTrainer(GRPOTrainer):
                         list(skip), rollouts.num_tokens, rollouts.tokens_per_s)
             self._round += 1
         return rollouts.completion_ids, rollouts.logprobs
+
+    def _sync_engine_weights(self, mode: str) -> None:
+        """Push what the optimizer changed to an engine with its own weights, once per global step
+        (the first generation after an optimizer step; also once before the first round)."""
+        if self.engine.shares_policy_weights or self._synced_step == self.state.global_step:
+            return
+        start = time.perf_counter()
+        with changed_weights(self.accelerator.unwrap_model(self.model)) as named:
+            self.engine.load_weights(named)
+            count = len(named)
+        seconds = time.perf_counter() - start
+        self._synced_step = self.state.global_step
+        self._metrics[mode]["rollout/weight_sync_seconds"].append(seconds)
+        logger.info("step %d: synced %d tensors to the %s engine in %.3f s", self.state.global_step, count,
+                    type(self.engine).__name__, seconds)
 
     def _probe_full_model(self, prompt_ids, sampling: SamplingSpec) -> float:
         """Time the full model on the same prompts (samples discarded) for the tokens/s comparison."""

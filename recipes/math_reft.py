@@ -111,7 +111,10 @@ def main(argv=None) -> dict:
                                                  script_args.eval_every))
     trainer.add_callback(JsonlMetricsCallback(out / "metrics.jsonl"))
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        trainer.engine.close()  # a colocated vLLM engine frees its memory before the evaluation
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
     model = trainer.model
@@ -122,6 +125,7 @@ def main(argv=None) -> dict:
     mean = lambda key: sum(r[key] for r in step_rows) / len(step_rows) if step_rows and all(key in r for r in step_rows) else float("nan")  # noqa: E731
     summary = {
         "model": model_path, "dataset": script_args.dataset_path or script_args.dataset_name,
+        "engine": training_args.engine,
         "skip_ratio": training_args.skip_ratio, "correction": training_args.correction,
         "steps": trainer.state.global_step, "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, trainer.state.global_step),
@@ -129,6 +133,7 @@ def main(argv=None) -> dict:
         "mean_ess": mean("correction/ess"),
         "behavior_tokens_per_s": mean("rollout/behavior_tokens_per_s"),
         "full_tokens_per_s": mean("rollout/full_tokens_per_s"),
+        "weight_sync_seconds": mean("rollout/weight_sync_seconds"),
         "skip_history": [list(s) for s in trainer.skip_policy.history],
     }
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|")
     print(f"| before | {before['accuracy']:.1%} | {before['format_rate']:.1%} |")
     print(f"| after {trainer.state.global_step} steps | {after['accuracy']:.1%} | {after['format_rate']:.1%} |")
-    print(f"\nskip_ratio {training_args.skip_ratio}, correction {training_args.correction}: "
+    print(f"\nengine {training_args.engine}, skip_ratio {training_args.skip_ratio}, correction {training_args.correction}: "
           f"{summary['seconds_per_step']:.1f} s/step, mean ESS {summary['mean_ess']:.3f}, rollout tokens/s "
           f"behavior {summary['behavior_tokens_per_s']:.0f} vs full {summary['full_tokens_per_s']:.0f}")
     print(f"outputs: {out}/summary.json, metrics.jsonl, training.png")

@@ -1,4 +1,6 @@
-"""Rollout engines behind one interface: `hf` (in-process, shared weights)."""
+"""Rollout engines behind one interface: `hf` (in-process, shared weights), `vllm`
+(`vllm_engine.VLLMEngine`, colocated) and `vllm_server` (`vllm_server.VLLMServerEngine`, remote).
+The vLLM modules are imported only when used."""
 
 from .base import RolloutEngine, Rollouts, SamplingSpec
 from .hf import HFEngine, completion_logprobs

@@ -53,6 +53,9 @@ class RolloutEngine(ABC):
     """Samples completions from the behavior model: the policy with a set of layers skipped."""
 
     skip: tuple[int, ...] = ()
+    # False: the engine holds its own copy of the weights, which the trainer syncs after each
+    # optimizer step through `load_weights`.
+    shares_policy_weights: bool = False
 
     def set_skip(self, layers: Sequence[int]) -> None:
         """Layers to skip in the following `generate` calls (identity on the residual stream)."""

