@@ -12,6 +12,7 @@ from .corrections import METHODS
 from .skipping import MODES
 
 ENGINES = ("hf", "vllm", "vllm_server")
+BEHAVIORS = ("skip", "pot")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class NestedReFTConfig(GRPOConfig):
     skip_mode: str = field(default="random", metadata={"help": f"How the skip set is drawn: one of {MODES}.", "choices": list(MODES)})
     skip_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layers to skip with skip_mode='fixed'."})
     skip_seed: int | None = field(default=None, metadata={"help": "Seed of the skip-set draws (default: `seed`). Every draw is logged, so runs replay."})
+    behavior: str = field(default="skip", metadata={"help": f"Behavior-model family: one of {BEHAVIORS}. 'skip': the policy itself with the skip set removed. 'pot': a power-of-two-quantized copy of the policy (pot_bits), re-quantized from the policy's weights after every optimizer step, also layer-skipped when skip_ratio > 0 (engine 'hf' only).", "choices": list(BEHAVIORS)})
+    pot_bits: int = field(default=4, metadata={"help": "behavior='pot': bits per weight (2, 3 or 4: 1 sign bit plus exponent bits)."})
+    pot_group_size: int = field(default=128, metadata={"help": "behavior='pot': weights sharing one fp16 scale, along the input dimension."})
     # --- off-policy correction
     correction: str = field(default="tis", metadata={"help": f"Per-token correction weight: one of {METHODS}. 'none' treats behavior samples as on-policy (biased ablation).", "choices": list(METHODS)})
     clip: float = field(default=2.0, metadata={"help": "C: cap of the importance ratio for tis / seq_tis, and the [1/C, C] band of seq_mask."})
@@ -63,6 +67,14 @@ class NestedReFTConfig(GRPOConfig):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         self.validate_engine()
+        if self.behavior not in BEHAVIORS:
+            raise ValueError(f"behavior must be one of {BEHAVIORS}, got {self.behavior!r}")
+        if self.behavior == "pot" and self.engine != "hf":
+            raise ValueError(f"behavior='pot' samples from an in-process quantized copy: it needs engine='hf', got {self.engine!r}")
+        if self.pot_bits not in (2, 3, 4):
+            raise ValueError(f"pot_bits must be 2, 3 or 4, got {self.pot_bits!r}")
+        if self.pot_group_size < 1:
+            raise ValueError(f"pot_group_size must be >= 1, got {self.pot_group_size!r}")
         if not 0 <= self.skip_ratio < 1:
             raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio!r}")
         if (self.skip_k_min is None) != (self.skip_k_max is None):

@@ -26,6 +26,14 @@ def model_source(policy: nn.Module) -> str:
 def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: bool) -> RolloutEngine:
     """`truncating`: top-k / top-p is on, so vLLM's log-probs would be of the truncated
     distribution; the engine then does not score and the trainer scores under the skipped model."""
+    if getattr(args, "behavior", "skip") == "pot":  # validated: engine is 'hf'
+        from .pot import PoTHFEngine
+
+        if hasattr(policy, "peft_config"):
+            raise ValueError("behavior='pot' quantizes a full copy of the policy; with PEFT (use_peft) it is not "
+                             "supported yet: use behavior='skip'")
+        return PoTHFEngine(policy, tokenizer, bits=args.pot_bits, group_size=args.pot_group_size,
+                           eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size, auto_sync=False)
     if args.engine == "hf":
         return HFEngine(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size,
                         score_logprobs=False)

@@ -7,10 +7,10 @@ weights. `PoTHFEngine` is an `HFEngine` whose sampler is that copy; it always re
 log-probs (of the quantized copy, at the sampling temperature), which the trainer's off-policy
 correction needs because they differ from π_old.
 
-Staleness: with `auto_sync=True` (default) `generate()` re-quantizes first whenever any policy
-parameter changed since the last sync (torch bumps a tensor's version counter on every in-place
-update, optimizer steps included), so the sampler always quantizes the weights being trained.
-`load_weights(named_tensors)` / `sync()` do it explicitly.
+Staleness: the trainer calls `load_weights` with the changed tensors after every optimizer step.
+Standalone, `auto_sync=True` makes `generate()` re-quantize whenever a policy parameter's version
+counter moved (plain in-place updates; fused optimizer kernels do not bump it, so a training loop
+must call `load_weights` / `sync()` itself).
 """
 
 from __future__ import annotations
@@ -85,7 +85,12 @@ class PoTBehaviorModel:
 class PoTHFEngine(HFEngine):
     """`HFEngine` sampling from a PoT-quantized copy of the policy (optionally also layer-skipped).
 
-    Behavior log-probs are always scored by the quantized copy (`score_logprobs` is forced on)."""
+    Behavior log-probs are always scored by the quantized copy (`score_logprobs` is forced on).
+    The copy has its own weights, so the trainer pushes the changed ones after each optimizer step
+    (`load_weights`), as for vLLM: version counters alone are not enough, because fused optimizers
+    (transformers' default `adamw_torch_fused`) update parameters without bumping them."""
+
+    shares_policy_weights = False
 
     def __init__(self, policy: nn.Module, tokenizer, *, bits: int = 4, group_size: int = 128,
                  auto_sync: bool = True, eos_token_ids: Iterable[int] | None = None,

@@ -101,6 +101,27 @@ def test_skipped_rounds_fold_weights_into_advantages_and_log_diagnostics(small_m
     assert m["rollout/behavior_tokens_per_s"][0] > 0 and m["rollout/full_tokens_per_s"][0] > 0
 
 
+def test_pot_behavior_model_samples_and_is_corrected(small_model_dir, chat_tokenizer, tmp_path):
+    from nested_reft.engines.pot import PoTHFEngine
+
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer, train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path), behavior="pot", pot_bits=2, pot_group_size=32, skip_ratio=0.0,
+                              correction="tis", max_steps=2, full_model_probe_every=0, **SHARED),
+    )
+    assert isinstance(trainer.engine, PoTHFEngine) and trainer.engine.behavior.bits == 2
+    layer = trainer.engine.behavior.model.model.layers[0].mlp.up_proj
+    initial = layer.packed.clone(), layer.scales.clone()
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "correction/ess" in h]
+    assert len(logged) == 2
+    # the 2-bit copy is a different distribution: ratios spread around 1 and ESS drops below 1
+    assert all(h["correction/ratio_min"] < 1 < h["correction/ratio_max"] and h["correction/ess"] < 1 for h in logged)
+    # the copy was re-quantized from the trained policy before round 2 (lr 1e-3 moves the scales)
+    assert [h["rollout/weight_sync_seconds"] > 0 for h in logged] == [True, True]
+    assert not torch.equal(layer.scales, initial[1]) or not torch.equal(layer.packed, initial[0])
+
+
 def test_training_runs_a_few_steps(small_model_dir, chat_tokenizer, tmp_path):
     args = NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1,
                             correction="ess_adaptive", max_steps=3, full_model_probe_every=2, **SHARED)
@@ -126,6 +147,9 @@ def test_training_runs_a_few_steps(small_model_dir, chat_tokenizer, tmp_path):
         (dict(engine="tensorrt"), "'tensorrt'"),
         (dict(skip_k_min=1), "skip_k_min and skip_k_max"),
         (dict(use_vllm=True), "use_vllm"),
+        (dict(behavior="int8"), "'int8'"),
+        (dict(behavior="pot", pot_bits=5), "got 5"),
+        (dict(behavior="pot", engine="vllm_server"), "needs engine='hf'"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(tmp_path, kwargs, message):
