@@ -25,6 +25,9 @@ def main() -> None:
     from rewards.math_check import check_answer
 
     _limit_memory()
+    # The first parse builds math-verify's parsers and sympy's caches (up to seconds on a busy
+    # machine): do it before "ready", so no real check is cut off for the worker's own warm-up.
+    check_answer("\\boxed{1}", "1")
     print("ready", flush=True)
     for line in sys.stdin:
         try:
