@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_handler(engine, lock: threading.Lock):
+def make_handler(state: dict, lock: threading.Lock):
+    """`state["engine"]` is None while the model loads: requests then get 503 (clients retry)."""
     from safetensors.torch import load
 
     from .engines.base import SamplingSpec
@@ -59,12 +60,17 @@ def make_handler(engine, lock: threading.Lock):
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
         def do_GET(self):
+            engine = state["engine"]
+            if engine is None:
+                return self._reply(503, {"error": "the server is loading its model"})
             if self.path != "/health":
                 return self._reply(404, {"error": f"no endpoint {self.path!r}"})
             self._reply(200, {"status": "ok", "num_layers": engine.num_layers, "skip": list(engine.skip),
                               "architecture": engine.architecture})
 
         def do_POST(self):
+            if state["engine"] is None:
+                return self._reply(503, {"error": "the server is loading its model"})
             try:
                 with lock:
                     out = self._post()
@@ -78,6 +84,7 @@ def make_handler(engine, lock: threading.Lock):
             self._reply(200, out)
 
         def _post(self):
+            engine = state["engine"]
             if self.path == "/set_skip":
                 engine.set_skip(json.loads(self._body())["layers"])
                 return {"skip": list(engine.skip)}
@@ -101,17 +108,27 @@ def make_handler(engine, lock: threading.Lock):
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Bind first: a taken port fails at once, and the port is ours before vLLM picks its own.
+    state = {"engine": None}
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(state, threading.Lock()))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     from .engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(args.model, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-                        seed=args.seed, multiprocessing=args.multiprocessing, cpu_kvcache_gib=args.cpu_kvcache_gib)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(engine, threading.Lock()))
+    try:
+        engine = VLLMEngine(args.model, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                            tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+                            seed=args.seed, multiprocessing=args.multiprocessing, cpu_kvcache_gib=args.cpu_kvcache_gib)
+    except BaseException:
+        server.shutdown()
+        raise
+    state["engine"] = engine
     logger.info("serving %s (%s, %d layers) on http://%s:%d", args.model, engine.architecture, engine.num_layers,
                 args.host, args.port)
     try:
-        server.serve_forever()
+        thread.join()
     finally:
+        server.shutdown()
         server.server_close()
         engine.close()
 

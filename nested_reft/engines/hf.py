@@ -73,12 +73,13 @@ class HFEngine(RolloutEngine):
             raise ValueError(f"layer indices {bad} are out of range for a model with {self.num_layers} layers")
         super().set_skip(layers)
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[int]]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSpec, ignore_eos: bool = False) -> list[list[int]]:
         device = next(self.model.parameters()).device
         ids, mask = _left_pad(prompts, self.pad_id, device)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
             top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.max_new_tokens if ignore_eos else None,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
         )
         completions = []
@@ -91,7 +92,8 @@ class HFEngine(RolloutEngine):
         return completions
 
     @torch.no_grad()
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> Rollouts:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
+        """`ignore_eos`: sample exactly max_new_tokens per prompt (EOS suppressed; for throughput)."""
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         was_training = self.model.training
@@ -101,7 +103,7 @@ class HFEngine(RolloutEngine):
                 start = time.perf_counter()
                 completions: list[list[int]] = []
                 for i in range(0, len(prompt_token_ids), self.batch_size):
-                    completions += self._generate_batch(prompt_token_ids[i:i + self.batch_size], sampling)
+                    completions += self._generate_batch(prompt_token_ids[i:i + self.batch_size], sampling, ignore_eos)
                 gen_s = time.perf_counter() - start
                 start = time.perf_counter()
                 logprobs = None

@@ -102,6 +102,11 @@ class VLLMEngine(RolloutEngine):
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         if cpu_kvcache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kvcache_gib))
+        in_process = env.get("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")) == "0"
+        if in_process and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's CPU worker would pin the OpenMP threads of the process it runs in: in-process,
+            # that is the trainer's process. Leave thread placement to the OS (and the user).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         with _environ(env):
             self._start(model_path, arch, revision, dtype, gpu_memory_utilization, tensor_parallel_size,
                         max_model_len, max_num_seqs, seed, enable_sleep_mode, enable_prefix_caching, llm_kwargs)
