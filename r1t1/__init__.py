@@ -1,1 +1,1 @@
-"""r1t1."""
+"""R1-T1 translation reasoning: CoT templates, prompts, data, the trainer config and trainer, evaluation."""

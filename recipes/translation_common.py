@@ -66,7 +66,8 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector) -> li
 
 
 def load_model(model_path: str, model_args):
-    if not Path(model_path).exists() and ("/" not in model_path or model_path.startswith((".", "/", "outputs"))):
+    looks_local = model_path.startswith((".", "/", "~", "outputs/")) or Path(model_path.split("/")[0]).is_dir()
+    if looks_local and not Path(model_path).expanduser().exists():
         raise FileNotFoundError(f"model {model_path!r} does not exist (for the R1-T1 default, run "
                                 "`python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml` first)")
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
