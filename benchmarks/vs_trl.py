@@ -28,7 +28,7 @@ import yaml
 
 CONFIG = "recipes/configs/math_reft_tiny.yaml"
 SHARED_KEYS = ("num_generations", "per_device_train_batch_size", "max_completion_length", "temperature", "top_k",
-               "top_p", "learning_rate", "lr_scheduler_type", "warmup_steps", "beta", "loss_type", "reward_weights", "seed")
+               "top_p", "steps_per_generation", "learning_rate", "lr_scheduler_type", "warmup_steps", "beta", "loss_type", "reward_weights", "seed")
 
 
 def run_one(name: str, args) -> dict:

