@@ -26,7 +26,7 @@ CONFIG = "recipes/configs/math_reft_tiny.yaml"
 
 
 def run_cell(ratio: float, correction: str, args, extra: list[str]) -> dict:
-    out = Path(args.out) / f"r{ratio}_{correction}"
+    out = cell_dir(args.out, ratio, correction)
     cmd = [sys.executable, "-m", "recipes.math_reft", "--config", args.config, "--output_dir", str(out),
            "--skip_ratio", str(ratio), "--correction", correction, "--save_strategy", "no", *extra]
     if args.max_steps is not None:
@@ -39,8 +39,21 @@ def run_cell(ratio: float, correction: str, args, extra: list[str]) -> dict:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({' '.join(cmd)}); see {log}")
+    return read_cell(out, wall_seconds=time.perf_counter() - start)
+
+
+def cell_dir(out: str | Path, ratio: float, correction: str) -> Path:
+    return Path(out) / f"r{ratio}_{correction}"
+
+
+def read_cell(out: Path, wall_seconds: float | None = None) -> dict:
+    """A finished cell: its summary.json, plus the mean KL(μ‖π_old) per token from metrics.jsonl
+    (ESS is computed on the correction weights, so it reads 1 for `none` whatever the mismatch)."""
     summary = json.loads((out / "summary.json").read_text())
-    summary["wall_seconds"] = time.perf_counter() - start
+    kls = [row["correction/kl_behavior"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if "correction/kl_behavior" in row]
+    summary["mean_kl_behavior"] = sum(kls) / len(kls) if kls else float("nan")
+    summary["wall_seconds"] = wall_seconds
     return summary
 
 
@@ -51,14 +64,15 @@ def grid_cells(ratios, corrections) -> list[tuple[float, str]]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| skip_ratio | correction | acc before | acc after | Δ | behavior tok/s | full tok/s | s/step | mean ESS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| skip_ratio | correction | acc before | acc after | Δ | behavior tok/s | full tok/s | s/step | mean ESS "
+             "| mean KL(μ‖π_old) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"]["accuracy"], r["after"]["accuracy"]
         method = "any (w ≡ 1)" if r["skip_ratio"] == 0 else r["correction"]
         lines.append(f"| {r['skip_ratio']} | {method} | {b:.1%} | {a:.1%} | {100 * (a - b):+.1f} | "
                      f"{r['behavior_tokens_per_s']:.0f} | {r['full_tokens_per_s']:.0f} | "
-                     f"{r['seconds_per_step']:.1f} | {r['mean_ess']:.3f} |")
+                     f"{r['seconds_per_step']:.1f} | {r['mean_ess']:.3f} | {r.get('mean_kl_behavior', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -73,10 +87,13 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="cells run at once")
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--out", default="outputs/benchmarks/nested_reft_grid")
+    p.add_argument("--table_only", action="store_true", help="re-read finished cells under --out, run nothing")
     args = p.parse_args(argv)
     cells = grid_cells(args.ratios, args.corrections)
 
     def run(cell):
+        if args.table_only:
+            return read_cell(cell_dir(args.out, *cell))
         print(f"running skip_ratio={cell[0]} correction={cell[1]} ...", flush=True)
         row = run_cell(*cell, args, extra)
         print(table([row]).splitlines()[-1], flush=True)
