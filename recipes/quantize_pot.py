@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from reft_kernels.pot.quantize import int_rtn_fake_quantize, quantize_model, save_quantized
+from reft_kernels.pot.quantize import (
+    bits_per_weight,
+    int_rtn_fake_quantize,
+    quantize_model,
+    save_quantized,
+    target_linears,
+)
 
 logger = logging.getLogger("recipes.quantize_pot")
 
@@ -37,8 +43,12 @@ class QuantizePoTArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Local checkpoint or Hub id; default: the embedded tiny math model."})
     bits: int = field(default=3, metadata={"help": "Bits per weight: 2, 3 or 4 (PoT: 1 sign + bits-1 exponent bits)."})
     group_size: int = field(default=128, metadata={"help": "Weights per fp16 scale, along the input dimension."})
-    refine_granularity: str = field(default="layer", metadata={"help": "Scale refinement per 'layer' (each linear) or per 'block' (decoder block)."})
-    refine_steps: int = field(default=200, metadata={"help": "Adam steps of scale refinement per layer / block."})
+    refine_granularity: str = field(default="model", metadata={"help": "Scale refinement per 'layer' (each linear, output error), per 'block' (decoder block output) or 'model' (all scales jointly on the KL of the logits to the fp32 model)."})
+    refine_steps: int | None = field(default=None, metadata={"help": "Adam steps of scale refinement per layer / block / model; default 200 for layer and block, 1000 for model."})
+    rounding: str = field(default="log2", metadata={"help": "How codes are chosen for given scales: 'log2' (SPEC: round(log2|w|/s)) or 'linear' (nearest level in value)."})
+    sequential: bool = field(default=False, metadata={"help": "Layer / block refinement: calibrate each decoder block on inputs from the model with earlier blocks already quantized."})
+    refine_val_fraction: float = field(default=0.125, metadata={"help": "Model refinement: fraction of the calibration batches held out to pick the scales."})
+    refine_eval_every: int = field(default=50, metadata={"help": "Model refinement: score the held-out calibration batches every N steps."})
     refine_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of Γ."})
     refine_lam: float = field(default=1e-4, metadata={"help": "λ of the (λ/2)·mean(Γ²) regulariser."})
     calib_sequences: int = field(default=512, metadata={"help": "Calibration sequences (synthetic problems, or text windows)."})
@@ -154,11 +164,17 @@ def main(argv=None) -> dict:
         return model
 
     q = dict(bits=a.bits, group_size=a.group_size)
+    steps = a.refine_steps if a.refine_steps is not None else (1000 if a.refine_granularity == "model" else 200)
+    shapes = [(m.in_features, m.out_features) for m in target_linears(base).values()]
+    bpw = {"fp32": {"nominal": 32.0, "stored": 32.0},
+           f"INT{a.bits} RTN": bits_per_weight(shapes, a.bits, a.group_size, zero_points=True)}
+    bpw[f"PoT{a.bits} init"] = bpw[f"PoT{a.bits} refined"] = bits_per_weight(shapes, a.bits, a.group_size, False)
     run(f"INT{a.bits} RTN", lambda m: int_rtn_fake_quantize(m, **q))
-    run(f"PoT{a.bits} init", lambda m: quantize_model(m, **q, refine=False))
+    run(f"PoT{a.bits} init", lambda m: quantize_model(m, **q, refine=False, rounding=a.rounding))
     refined = run(f"PoT{a.bits} refined", lambda m: quantize_model(
-        m, **q, calib_data=calib, refine=True, granularity=a.refine_granularity, steps=a.refine_steps,
-        lr=a.refine_lr, lam=a.refine_lam, calib_batch_size=a.batch_size))
+        m, **q, calib_data=calib, refine=True, granularity=a.refine_granularity, steps=steps,
+        lr=a.refine_lr, lam=a.refine_lam, calib_batch_size=a.batch_size, rounding=a.rounding,
+        sequential=a.sequential, val_fraction=a.refine_val_fraction, eval_every=a.refine_eval_every))
     stats = refined.pot_quantization["stats"]
     if a.save_model:
         save_quantized(refined, out / "pot_model", tokenizer)
@@ -166,12 +182,15 @@ def main(argv=None) -> dict:
     result = {"model": path, "args": asdict(a), "calib_tokens": n_calib, "eval_scored_tokens": n_scored,
               "perplexity": {k: v["ppl"] for k, v in rows.items()},
               "quantize_seconds": {k: v["seconds"] for k, v in rows.items()},
+              "bits_per_weight": bpw, "refine_steps": steps,
               "refine_rel_err": {k: v for k, v in stats.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"\nheld-out perplexity, {a.bits} bits, group size {a.group_size} ({n_scored} scored tokens)\n")
-    print("| model | perplexity | quantize s |\n|---|---|---|")
+    print(f"\nheld-out perplexity, {a.bits} bits, group size {a.group_size} ({n_scored} scored tokens); "
+          f"PoT rounding {a.rounding}, refinement {a.refine_granularity}{' sequential' if a.sequential else ''}, "
+          f"{steps} steps\n")
+    print("| model | perplexity | bits/weight (nominal) | bits/weight (stored) | quantize s |\n|---|---|---|---|---|")
     for k, v in rows.items():
-        print(f"| {k} | {v['ppl']:.4f} | {v['seconds']:.1f} |")
+        print(f"| {k} | {v['ppl']:.4f} | {bpw[k]['nominal']:.4g} | {bpw[k]['stored']:.4g} | {v['seconds']:.1f} |")
     print(f"\nwrote {out / 'results.json'}")
     return result
 

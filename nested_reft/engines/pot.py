@@ -65,7 +65,7 @@ class PoTBehaviorModel:
             if layer in self.quantized and leaf == "weight":
                 mod = modules[layer]
                 w = tensor.detach().to(mod.packed.device, torch.float32)
-                mod.set_weight(w, grid_search_scales(w, self.bits, self.group_size))
+                mod.set_weight(w, grid_search_scales(w, self.bits, self.group_size, rounding=mod.rounding))
             elif layer in self.quantized and leaf == "bias":
                 modules[layer].bias.copy_(tensor.detach())
             elif name in own:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .format import check_bits, check_group_size, codes_per_word, num_groups
-from .reference import PoTWeight, pot_dequantize, pot_quantize
+from .reference import PoTWeight, check_rounding, pot_dequantize, pot_quantize
 from .search import grid_search_scales
 
 BACKENDS = ("auto", "torch", "triton")
@@ -21,14 +21,17 @@ class PoTLinear(nn.Module):
     backend: "torch" (the reference), "triton" (the kernel; CUDA, or CPU under
     TRITON_INTERPRET=1) or "auto" = "triton" for CUDA weights, "torch" otherwise. Both give the
     same fp16 weight bit for bit (tests/reft_kernels), so "auto" changes speed, not results.
-    The fp16 weight is cast to the input's dtype before the matmul.
+    The fp16 weight is cast to the input's dtype before the matmul. `rounding` is the encoder's
+    rule for choosing codes in `set_weight` (see `reference.round_exponent`); it does not affect
+    the stored format or the dequantization.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
-                 bias: bool = False, device=None, backend: str = "auto"):
+                 bias: bool = False, device=None, backend: str = "auto", rounding: str = "log2"):
         super().__init__()
         check_bits(bits)
         check_group_size(group_size)
+        self.rounding = check_rounding(rounding)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -44,13 +47,15 @@ class PoTLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
-                    scales: torch.Tensor | None = None, backend: str = "auto") -> PoTLinear:
-        """Quantize `linear.weight` with the given scales (default: grid-search initialisation)."""
-        w = linear.weight.detach().float()
+                    scales: torch.Tensor | None = None, backend: str = "auto", rounding: str = "log2",
+                    weight: torch.Tensor | None = None) -> PoTLinear:
+        """Quantize `linear.weight` (or `weight`, e.g. one already on the PoT grid chosen by another
+        encoder) with the given scales (default: grid-search initialisation)."""
+        w = (linear.weight if weight is None else weight).detach().float()
         if scales is None:
-            scales = grid_search_scales(w, bits, group_size)
+            scales = grid_search_scales(w, bits, group_size, rounding=rounding)
         mod = cls(linear.in_features, linear.out_features, bits, group_size,
-                  bias=linear.bias is not None, device=w.device, backend=backend)
+                  bias=linear.bias is not None, device=w.device, backend=backend, rounding=rounding)
         mod.set_weight(w, scales)
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach().float())
@@ -62,7 +67,7 @@ class PoTLinear(nn.Module):
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit PoTLinear "
                              f"[{self.out_features}, {self.in_features}]")
-        q = pot_quantize(w.float(), scales, self.bits, self.group_size)
+        q = pot_quantize(w.float(), scales, self.bits, self.group_size, self.rounding)
         self.packed.copy_(q.packed)
         self.scales.copy_(q.scales)
 

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .format import check_bits, check_group_size
+from .format import check_bits, check_group_size, codes_per_word
 from .linear import PoTLinear
-from .reference import int_quantize_rtn
-from .refine import refine_block_scales, refine_layer_scales
+from .reference import check_rounding, int_quantize_rtn
+from .refine import refine_block_scales, refine_layer_scales, refine_model_scales
 from .search import grid_search_scales
 
 POT_CONFIG_FILE = "pot_quantization.json"
-GRANULARITIES = ("layer", "block")
+GRANULARITIES = ("layer", "block", "model")
 
 
 def target_linears(model: nn.Module, skip=("lm_head",)) -> dict[str, nn.Linear]:
@@ -123,17 +123,52 @@ def capture_block_io(model, blocks, calib: list[torch.Tensor], batch_size: int, 
     return inputs, outputs
 
 
+def _block_groups(model: nn.Module, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """Target linears grouped per decoder block, in block order; any outside a block come last."""
+    groups, seen = [], set()
+    for bname, _ in decoder_blocks(model):
+        names = [n for n in linears if n.startswith(bname + ".")]
+        if names:
+            groups.append(names)
+            seen.update(names)
+    rest = [n for n in linears if n not in seen]
+    return groups + ([rest] if rest else [])
+
+
+def split_calibration(batches: list[torch.Tensor], val_fraction: float) -> tuple[list, list]:
+    """(train, validation) batches: every round(1 / val_fraction)-th batch is held out for
+    selecting the refined scales (none when val_fraction is 0 or there is a single batch: the
+    training batches are then scored instead)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0 or len(batches) < 2:
+        return batches, batches
+    every = max(2, round(1.0 / val_fraction))
+    held = set(range(every - 1, len(batches), every)) or {len(batches) - 1}
+    return ([b for i, b in enumerate(batches) if i not in held],
+            [b for i, b in enumerate(batches) if i in held])
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int, group_size: int = 128, calib_data=None,
                    refine: bool = True, granularity: str = "layer", steps: int = 200,
                    lr: float = 1e-3, lam: float = 1e-4, skip=("lm_head",), calib_batch_size: int = 8,
-                   backend: str = "auto", progress: bool = True) -> nn.Module:
+                   backend: str = "auto", progress: bool = True, rounding: str = "log2",
+                   sequential: bool = False, val_fraction: float = 0.125, eval_every: int = 50) -> nn.Module:
     """Replace the model's linear layers by `PoTLinear` in place; returns the model.
 
-    Step 1 (always): grid-search scales per group. Step 2 (`refine=True`): scale refinement
-    over `calib_data` (LongTensor [n_seq, seq_len], or a list of such batches) per linear layer (`granularity="layer"`) or
-    per decoder block (`"block"`). Per-module relative output errors before/after refinement
-    and the settings are stored in `model.pot_quantization` (and saved by `save_quantized`).
+    Step 1 (always): grid-search scales per group, codes chosen by `rounding` ("log2": SPEC's
+    round(log2|w|/s); "linear": the nearest level in value). Step 2 (`refine=True`): scale
+    refinement over `calib_data` (LongTensor [n_seq, seq_len], or a list of such batches):
+    - `granularity="layer"`: each linear on its output error, from H = XᵀX/T;
+    - `"block"`: the linears of one decoder block jointly, on the block's output;
+    - `"model"` [ours]: all scales jointly, on KL(p_fp ‖ p_PoT) of the logits over the
+      calibration batches (`calib_batch_size` sequences each); a `val_fraction` of those batches
+      is held out and scored every `eval_every` steps to pick the scales (the init included).
+    `sequential` (layer / block): calibrate each decoder block on the inputs produced by the
+    model whose earlier blocks are already quantized (GPTQ-style) instead of the full-precision
+    model's. Per-module statistics and the settings are stored in `model.pot_quantization` (and
+    saved by `save_quantized`).
     """
     check_bits(bits)
     check_group_size(group_size)
@@ -146,42 +181,68 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 128, calib_dat
     was_training = model.training
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval().requires_grad_(False)
-    scales = {n: grid_search_scales(m.weight.float(), bits, group_size)
+    check_rounding(rounding)
+    scales = {n: grid_search_scales(m.weight.float(), bits, group_size, rounding=rounding)
               for n, m in tqdm(linears.items(), desc=f"PoT{bits} grid search", disable=not progress)}
     stats: dict[str, dict] = {}
+
+    def install(names):
+        for n in names:
+            _set_module(model, n, PoTLinear.from_linear(linears[n], bits, group_size, scales[n], backend, rounding))
+
     try:
         if refine and granularity == "layer":
-            hessians = capture_hessians(model, linears, calib, calib_batch_size, progress)
-            bar = tqdm(linears.items(), desc=f"PoT{bits} refine (layer)", disable=not progress)
-            for n, m in bar:
-                with torch.enable_grad():
-                    scales[n], stats[n] = refine_layer_scales(m.weight, hessians[n], scales[n], bits,
-                                                              group_size, steps, lr, lam)
-                bar.set_postfix(rel_err=f"{stats[n]['init_rel_err']:.2e}->{stats[n]['refined_rel_err']:.2e}")
-        elif refine:
+            # sequential: one group per decoder block, in order, each calibrated on the inputs of
+            # the model whose earlier blocks are already quantized; else one group, all at once
+            groups = _block_groups(model, linears) if sequential else [list(linears)]
+            for names in groups:
+                hessians = capture_hessians(model, {n: linears[n] for n in names}, calib, calib_batch_size,
+                                            progress and not sequential)
+                bar = tqdm(names, desc=f"PoT{bits} refine (layer)", disable=not progress)
+                for n in bar:
+                    with torch.enable_grad():
+                        scales[n], stats[n] = refine_layer_scales(linears[n].weight, hessians[n], scales[n], bits,
+                                                                  group_size, steps, lr, lam, rounding)
+                    bar.set_postfix(rel_err=f"{stats[n]['init_rel_err']:.2e}->{stats[n]['refined_rel_err']:.2e}")
+                if sequential:
+                    install(names)
+        elif refine and granularity == "block":
             blocks = decoder_blocks(model)
-            inputs, outputs = capture_block_io(model, blocks, calib, calib_batch_size, progress)
+            if not sequential:
+                inputs, outputs = capture_block_io(model, blocks, calib, calib_batch_size, progress)
             bar = tqdm(blocks, desc=f"PoT{bits} refine (block)", disable=not progress)
             for bname, block in bar:
                 inner = {n[len(bname) + 1:]: linears[n] for n in linears if n.startswith(bname + ".")}
                 if not inner:
                     continue
+                if sequential:  # this block's inputs from the model with earlier blocks quantized
+                    inputs, outputs = capture_block_io(model, [(bname, block)], calib, calib_batch_size, False)
                 with torch.enable_grad():
                     new, stats[bname] = refine_block_scales(
                         block, inner, {k: scales[f"{bname}.{k}"] for k in inner}, inputs[bname],
-                        outputs[bname], bits, group_size, steps, lr, lam)
+                        outputs[bname], bits, group_size, steps, lr, lam, rounding)
                 for k, s in new.items():
                     scales[f"{bname}.{k}"] = s
+                if sequential:
+                    install([f"{bname}.{k}" for k in inner])
                 bar.set_postfix(rel_err=f"{stats[bname]['init_rel_err']:.2e}->{stats[bname]['refined_rel_err']:.2e}")
-        for n, m in linears.items():
-            _set_module(model, n, PoTLinear.from_linear(m, bits, group_size, scales[n], backend))
+        elif refine:  # "model": end-to-end KL of the logits, all Γ jointly
+            chunks = [b[i:i + calib_batch_size] for b in calib for i in range(0, len(b), calib_batch_size)]
+            train, val = split_calibration(chunks, val_fraction)
+            with torch.enable_grad():
+                new, stats["model"] = refine_model_scales(model, linears, scales, train, bits, group_size, steps,
+                                                          lr, lam, rounding, val, eval_every, progress)
+            scales.update(new)
+        install(list(linears))
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, True))
     model.pot_quantization = {
-        "bits": bits, "group_size": group_size, "modules": sorted(linears), "refine": refine,
+        "bits": bits, "group_size": group_size, "rounding": rounding, "modules": sorted(linears), "refine": refine,
         "granularity": granularity if refine else None, "steps": steps if refine else 0, "lr": lr,
+        "sequential": bool(sequential and refine and granularity != "model"),
+        "val_fraction": val_fraction if refine and granularity == "model" else None,
         "lam": lam, "calib_tokens": sum(b.numel() for b in calib) if calib is not None else 0, "stats": stats,
     }
     return model
@@ -195,6 +256,19 @@ def int_rtn_fake_quantize(model: nn.Module, bits: int, group_size: int = 128, sk
         q = int_quantize_rtn(m.weight.float(), bits, group_size)
         m.weight.copy_(q.dequantize().to(m.weight.dtype))
     return model
+
+
+def bits_per_weight(in_out: list[tuple[int, int]], bits: int, group_size: int, zero_points: bool) -> dict:
+    """Storage cost of quantized weights of shapes [(in_features, out_features), ...]:
+    "nominal" = bits + (16 + 8·zero_points) / group_size (fp16 scale, uint8 zero point per group);
+    "stored" = what the packed format really takes: rows of ceil(in / (32 // bits)) int32 words
+    plus ceil(in / group_size) scales (and zero points) per row, over the number of weights."""
+    check_bits(bits)
+    check_group_size(group_size)
+    per_group = 16 + (8 if zero_points else 0)
+    n = sum(i * o for i, o in in_out)
+    stored = sum(o * (-(-i // codes_per_word(bits)) * 32 + -(-i // group_size) * per_group) for i, o in in_out)
+    return {"nominal": bits + per_group / group_size, "stored": stored / max(n, 1)}
 
 
 def save_quantized(model: nn.Module, path, tokenizer=None) -> Path:
@@ -224,7 +298,8 @@ def load_quantized(path, dtype=torch.float32, backend: str = "auto") -> nn.Modul
     for name in info["modules"]:
         lin = model.get_submodule(name)
         _set_module(model, name, PoTLinear(lin.in_features, lin.out_features, info["bits"],
-                                           info["group_size"], bias=lin.bias is not None, backend=backend))
+                                           info["group_size"], bias=lin.bias is not None, backend=backend,
+                                           rounding=info.get("rounding", "log2")))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")

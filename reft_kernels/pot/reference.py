@@ -62,30 +62,62 @@ class IntWeight:
 # --------------------------------------------------------------------------- PoT
 
 
-def pot_exponents(w: torch.Tensor, scales_per_col: torch.Tensor, bits: int) -> torch.Tensor:
-    """E = clamp(round(log2(|w| / s)), 0, E_max) (a zero weight gets E = 0)."""
+ROUNDINGS = ("log2", "linear")
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+def round_exponent(ratio: torch.Tensor, rounding: str = "log2") -> torch.Tensor:
+    """Unclamped float exponent of |w| / s (ratio >= 0) under the encoder's rounding rule.
+
+    "log2" (SPEC.md §10): round(log2(r)), i.e. level 2**E is chosen for r in
+    [2**(E - 1/2), 2**(E + 1/2)), thresholds at sqrt(2) * 2**E.
+    "linear" [ours]: the level nearest to r in value, thresholds at the midpoints 1.5 * 2**E:
+    with r = m * 2**e exactly (frexp, m in [0.5, 1)), E = e if m >= 0.75 else e - 1.
+    Only which code is chosen differs; the format and the dequantization are the same.
+    r = 0 gives -inf ("log2") or -1 ("linear"); both clamp to E = 0.
+    """
+    if check_rounding(rounding) == "log2":
+        return torch.round(torch.log2(ratio))
+    m, e = torch.frexp(ratio)
+    return (e - (m < 0.75).to(e.dtype)).to(ratio.dtype)
+
+
+def pot_exponents(w: torch.Tensor, scales_per_col: torch.Tensor, bits: int,
+                  rounding: str = "log2") -> torch.Tensor:
+    """E = clamp(rounded log2(|w| / s), 0, E_max) (a zero weight gets E = 0); see `round_exponent`."""
     ratio = w.abs().float() / scales_per_col.float()
-    return torch.round(torch.log2(ratio)).clamp(0, max_exponent(bits))  # log2(0) = -inf -> 0
+    return round_exponent(ratio, rounding).clamp(0, max_exponent(bits))
 
 
-def pot_codes(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def pot_codes(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+              rounding: str = "log2") -> torch.Tensor:
     """[N, K] weight + [N, G] scales -> [N, K] codes `(sign << (bits-1)) | E`."""
     s = expand_groups(scales, w.shape[1], group_size)
-    e = pot_exponents(w, s, bits).to(torch.int64)
+    e = pot_exponents(w, s, bits, rounding).to(torch.int64)
     sign = (w < 0).to(torch.int64)
     return (sign << (bits - 1)) | e
 
 
-def pot_fake_quant(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def pot_fake_quant(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                   rounding: str = "log2") -> torch.Tensor:
     """s * sign(w) * 2**E in fp32, scales used as given (the quantizer's error model)."""
     s = expand_groups(scales.float(), w.shape[1], group_size)
-    e = pot_exponents(w, s, bits)
+    e = pot_exponents(w, s, bits, rounding)
     sign = torch.where(w < 0, -1.0, 1.0)
     return s * sign * torch.exp2(e)
 
 
-def pot_quantize(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int = 128) -> PoTWeight:
-    """Quantize a [out, in] weight with the given per-group scales (clamped into fp16's range)."""
+def pot_quantize(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int = 128,
+                 rounding: str = "log2") -> PoTWeight:
+    """Quantize a [out, in] weight with the given per-group scales (clamped into fp16's range).
+
+    A weight already on the grid (w = s16 * ±2**E, E in range) gets exactly that code under
+    either rounding, so a weight chosen by another encoder can be stored through this function."""
     check_bits(bits)
     check_group_size(group_size)
     expected = (w.shape[0], num_groups(w.shape[1], group_size))
@@ -93,7 +125,7 @@ def pot_quantize(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: i
         raise ValueError(f"scales of shape {tuple(scales.shape)} do not match weight "
                          f"{tuple(w.shape)} with group_size {group_size} (expected {expected})")
     s16 = clamp_pot_scales(scales, bits)
-    codes = pot_codes(w, s16, bits, group_size)
+    codes = pot_codes(w, s16, bits, group_size, rounding)
     return PoTWeight(pack_codes(codes, bits), s16, bits, group_size, w.shape[1])
 
 

@@ -13,11 +13,14 @@ from reft_kernels.pot.format import (
     pot_scale_bounds,
     unpack_codes,
 )
+from reft_kernels.pot.quantize import bits_per_weight
 from reft_kernels.pot.reference import (
     int_dequantize,
     int_quantize_rtn,
     pot_dequantize,
+    pot_exponents,
     pot_quantize,
+    round_exponent,
 )
 from reft_kernels.pot.search import grid_search_scales, quantize_pot_init
 
@@ -114,3 +117,60 @@ def test_pot3_init_beats_int3_rtn_on_gaussian_weights():
     pot = (quantize_pot_init(w, 3, 128).dequantize().float() - w).pow(2).mean()
     int3 = (int_quantize_rtn(w, 3, 128).dequantize().float() - w).pow(2).mean()
     assert pot < int3
+
+
+def test_rounding_rules_pick_the_documented_levels():
+    r = torch.tensor([0.0, 0.3, 1.0, 1.40, 1.45, 1.5, 2.9, 3.0, 5.9, 6.0, 11.0, 12.0, 100.0])
+    s = torch.ones_like(r)
+    # log2: thresholds at sqrt(2) * 2**E (1.414, 2.83, 5.66); linear: at 1.5 * 2**E (1.5, 3, 6)
+    assert pot_exponents(r, s, 3, "log2").tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3]
+    assert pot_exponents(r, s, 3, "linear").tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert pot_exponents(r, s, 4, "linear").tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 7]
+    assert round_exponent(torch.tensor([0.74, 0.75, 3.0 * 2.0 ** -20]), "linear").tolist() == [-1, 0, -18]
+    with pytest.raises(ValueError, match="rounding must be one of .* got 'floor'"):
+        pot_exponents(r, s, 3, "floor")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_linear_rounding_is_the_nearest_level_and_on_grid_weights_keep_their_codes(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(8, 96) * 0.05
+    s = grid_search_scales(w, bits, 32)
+    levels = s.float().repeat_interleave(32, 1)[..., None] * 2.0 ** torch.arange(max_exponent(bits) + 1)
+    nearest = (w.abs()[..., None] - levels).abs().amin(-1)
+    lin = pot_dequantize(pot_quantize(w, s, bits, 32, "linear")).float()
+    log = pot_dequantize(pot_quantize(w, s, bits, 32, "log2")).float()
+    torch.testing.assert_close((lin - w).abs(), nearest, rtol=0, atol=1e-7)
+    assert ((lin - w) ** 2).sum() < ((log - w) ** 2).sum()
+    for rounding in ("log2", "linear"):  # a weight already on the grid is stored as it is
+        q = pot_quantize(w, s, bits, 32, rounding)
+        again = pot_quantize(pot_dequantize(q).float(), s, bits, 32, "linear" if rounding == "log2" else "log2")
+        assert torch.equal(again.packed, q.packed)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_grid_search_with_linear_rounding_matches_brute_force_and_beats_log2(bits):
+    torch.manual_seed(10 + bits)
+    w = torch.randn(5, 64) * 0.02
+    s = grid_search_scales(w, bits, 64, rounding="linear")
+    s0 = w.abs().amax(-1) / 2 ** max_exponent(bits)
+    for row in range(5):
+        errs = [((pot_dequantize(pot_quantize(w[row:row + 1], clamp_pot_scales(s0[row] * i * 0.01, bits)
+                                              .reshape(1, 1), bits, 64, "linear")).float() - w[row]) ** 2).sum()
+                for i in range(1, 201)]
+        got = ((pot_dequantize(pot_quantize(w[row:row + 1], s[row:row + 1], bits, 64, "linear")).float()
+                - w[row]) ** 2).sum()
+        assert got.item() == pytest.approx(min(errs).item(), rel=1e-6)
+    sse = {r: ((quantize_pot_init(w, bits, 64, rounding=r).dequantize().float() - w) ** 2).sum() for r in ("log2", "linear")}
+    assert sse["linear"] <= sse["log2"]
+
+
+def test_bits_per_weight_counts_scales_zero_points_and_word_padding():
+    shapes = [(128, 128), (512, 128)]  # in, out
+    pot = bits_per_weight(shapes, 3, 128, zero_points=False)
+    intq = bits_per_weight(shapes, 3, 128, zero_points=True)
+    assert pot["nominal"] == 3.125 and intq["nominal"] == 3.1875
+    # 128 codes -> 13 words, 512 -> 52 words (10 codes per word): 3.25 bits per code in both
+    assert pot["stored"] == pytest.approx((128 * (13 * 32 + 16) + 128 * (52 * 32 + 4 * 16)) / (640 * 128))
+    assert intq["stored"] - pot["stored"] == pytest.approx(8 / 128)
+    assert bits_per_weight([(64, 2)], 4, 32, False) == {"nominal": 4.5, "stored": 4.5}

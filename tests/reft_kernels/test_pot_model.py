@@ -5,16 +5,20 @@ import copy
 import pytest
 import torch
 
+from reft_kernels.pot.format import clamp_pot_scales
 from reft_kernels.pot.linear import PoTLinear
 from reft_kernels.pot.quantize import (
+    _set_module,
+    capture_hessians,
     int_rtn_fake_quantize,
     load_quantized,
     quantize_model,
     save_quantized,
+    split_calibration,
     target_linears,
 )
 from reft_kernels.pot.reference import pot_dequantize, pot_fake_quant, pot_quantize
-from reft_kernels.pot.refine import refine_layer_scales, ste_pot_weight
+from reft_kernels.pot.refine import refine_layer_scales, refine_model_scales, ste_pot_weight
 from reft_kernels.pot.search import grid_search_scales
 
 
@@ -149,3 +153,87 @@ def test_save_load_round_trip_and_generate(small_qwen2, tmp_path):
     assert out.shape == (2, 10) and torch.equal(out, ref)
     with pytest.raises(FileNotFoundError, match="not a PoT checkpoint"):
         load_quantized(tmp_path)
+
+
+def test_ste_forward_uses_the_stored_fp16_scale_and_linear_rounding():
+    torch.manual_seed(2)
+    w = torch.randn(4, 16)
+    s = grid_search_scales(w, 3, 8, rounding="linear").float() * (1 + 1e-4)  # between fp16 numbers
+    wq = ste_pot_weight(w, s, 3, 8, "linear")
+    assert torch.equal(wq, pot_dequantize(pot_quantize(w, s, 3, 8, "linear")).float())
+    assert not torch.equal(wq, pot_fake_quant(w, s, 3, 8, "linear"))  # fp32 scales would differ
+
+
+def test_split_calibration_holds_out_every_kth_batch():
+    batches = [torch.full((1, 2), i) for i in range(10)]
+    train, val = split_calibration(batches, 0.25)
+    assert [int(b[0, 0]) for b in val] == [3, 7] and [int(b[0, 0]) for b in train] == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert split_calibration(batches[:1], 0.25) == (batches[:1], batches[:1])
+    assert split_calibration(batches[:3], 0.125)[1] == [batches[2]]  # at least one held out
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        split_calibration(batches, 1.0)
+
+
+def _kl(fp, q, batches):
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            t = torch.log_softmax(fp(input_ids=ids).logits.float(), -1)
+            p = torch.log_softmax(q(input_ids=ids).logits.float(), -1)
+            tot += (t.exp() * (t - p)).sum(-1).mean().item() * ids.numel()
+            n += ids.numel()
+    return tot / n
+
+
+def test_model_refinement_lowers_the_kl_of_the_stored_model(small_qwen2):
+    """End-to-end refinement: the reported held-out KLs are those of the stored PoT models."""
+    fp = copy.deepcopy(small_qwen2).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, fp.config.vocab_size, (4, 16), generator=g) for _ in range(5)]
+    train, val = batches[:4], batches[4:]
+    linears = target_linears(fp)
+    init = {n: grid_search_scales(m.weight.float(), 3, 32) for n, m in linears.items()}
+    new, stats = refine_model_scales(fp, linears, init, train, 3, 32, steps=40, lr=3e-3, lam=0.0,
+                                     val_batches=val, eval_every=10)
+    assert len(stats["val_kl_history"]) == 5 and stats["val_kl_history"][0] == stats["init_kl"]
+    assert stats["refined_kl"] == min(stats["val_kl_history"]) < 0.9 * stats["init_kl"]
+
+    def stored(scales):
+        q = copy.deepcopy(fp)
+        for n, m in linears.items():
+            _set_module(q, n, PoTLinear.from_linear(m, 3, 32, scales[n], backend="torch"))
+        return q
+
+    assert _kl(fp, stored(init), val) == pytest.approx(stats["init_kl"], rel=1e-4)
+    assert _kl(fp, stored(new), val) == pytest.approx(stats["refined_kl"], rel=1e-4)
+    # quantize_model(granularity="model") is the same computation on its own train/val split
+    calib = [torch.randint(0, fp.config.vocab_size, (4, 16), generator=g) for _ in range(4)]
+    qm = quantize_model(copy.deepcopy(fp), 3, 32, calib_data=calib, granularity="model", steps=20, lr=3e-3,
+                        calib_batch_size=4, val_fraction=0.25, eval_every=10, progress=False)
+    st = qm.pot_quantization["stats"]["model"]
+    assert qm.pot_quantization["granularity"] == "model" and st["refined_kl"] <= st["init_kl"]
+    assert _kl(fp, qm, calib[3:]) == pytest.approx(st["refined_kl"], rel=1e-4)
+
+
+def test_sequential_layer_refinement_calibrates_on_the_quantized_prefix(small_qwen2):
+    fp = copy.deepcopy(small_qwen2).eval()
+    calib = _calib(fp)
+    kw = dict(calib_data=calib, granularity="layer", steps=10, lr=3e-3, progress=False)
+    seq = quantize_model(copy.deepcopy(fp), 3, 32, sequential=True, **kw)
+    par = quantize_model(copy.deepcopy(fp), 3, 32, **kw)
+    s_seq, s_par = seq.pot_quantization["stats"], par.pot_quantization["stats"]
+    assert seq.pot_quantization["sequential"] and not par.pot_quantization["sequential"]
+    first = [n for n in s_seq if n.startswith("model.layers.0.")]
+    assert first and all(s_seq[n] == s_par[n] for n in first)  # block 0 sees the same inputs
+    # block 1's Hessian comes from the model whose block 0 is quantized (as `seq` stores it)
+    prefix = copy.deepcopy(fp)
+    for n in first:
+        _set_module(prefix, n, copy.deepcopy(seq.get_submodule(n)))
+    name = "model.layers.1.mlp.down_proj"
+    lin = fp.get_submodule(name)
+    h = capture_hessians(prefix, {name: prefix.get_submodule(name)}, [calib], 8, False)[name]
+    with torch.enable_grad():
+        want, st = refine_layer_scales(lin.weight, h, grid_search_scales(lin.weight.float(), 3, 32), 3, 32,
+                                       10, 3e-3, 1e-4)
+    assert st == s_seq[name] and st != s_par[name]
+    assert torch.equal(seq.get_submodule(name).scales, clamp_pot_scales(want, 3))
