@@ -165,14 +165,16 @@ def refine_model_scales(model: torch.nn.Module, linears: dict[str, torch.nn.Line
     gammas = {n: torch.zeros_like(s, requires_grad=True) for n, s in base.items()}
     opt = torch.optim.Adam(list(gammas.values()), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
-    val_batches = batches if val_batches is None else val_batches
 
     @torch.no_grad()
     def teacher(ids):
         return torch.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), -1)
 
     train_t = [teacher(b) for b in batches]
-    val_t = [teacher(b) for b in val_batches]
+    if val_batches is None:  # validate on the training batches: reuse their teacher log-probs
+        val_batches, val_t = batches, train_t
+    else:
+        val_t = [teacher(b) for b in val_batches]
 
     def kl(ids, t_logp, gs):
         params = {f"{n}.weight": ste_pot_weight(weights[n], base[n] * (1 + gs[n]), bits, group_size, rounding)
