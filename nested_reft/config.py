@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from .skipping import MODES
 
 ENGINES = ("hf", "vllm", "vllm_server")
 BEHAVIORS = ("skip", "pot")
+BEHAVIOR_LOGPROBS = ("sampler", "rescore")
 
 
 @dataclass
@@ -52,8 +54,10 @@ class NestedReFTConfig(GRPOConfig):
     vllm_cpu_kvcache_gib: int = field(default=1, metadata={"help": "engine=vllm on CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."})
     vllm_request_timeout: float = field(default=600.0, metadata={"help": "engine=vllm_server: seconds one request may take before it is retried."})
     vllm_server_retries: int = field(default=3, metadata={"help": "engine=vllm_server: attempts per request on connection errors, with exponential backoff."})
+    behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
-    full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds, also time the full model on the same prompts (its tokens/s is logged; the samples are discarded). 0: never."})
+    full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds (from the first, or the next round that skips layers), time the full model and that round's behavior model on the same fixed-length workload: one prompt per group, full_model_probe_tokens tokens each, EOS ignored; logged as rollout/full_tokens_per_s, rollout/probe_behavior_tokens_per_s and rollout/probe_speedup on the rounds measured, samples discarded. 0: never."})
+    full_model_probe_tokens: int = field(default=64, metadata={"help": "Tokens per prompt of the probe's fixed-length workload (at most max_completion_length)."})
 
     def __post_init__(self):
         self.validate_nested_reft()
@@ -89,10 +93,45 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError(f"need 0 <= skip_ratio_min <= skip_ratio_max < 1, got {self.skip_ratio_min!r}, {self.skip_ratio_max!r}")
         if not 0 < self.ess_target <= 1:
             raise ValueError(f"ess_target must be in (0, 1], got {self.ess_target!r}")
+        if self.correction == "ess_adaptive" and self.skip_mode == "fixed":
+            raise ValueError("correction='ess_adaptive' steers the number of skipped layers, which skip_mode='fixed' pins: "
+                             "use skip_mode random, contiguous or strided, or another correction")
+        if self.full_model_probe_every < 0 or self.full_model_probe_tokens < 1:
+            raise ValueError(f"need full_model_probe_every >= 0 and full_model_probe_tokens >= 1, got "
+                             f"{self.full_model_probe_every!r}, {self.full_model_probe_tokens!r}")
+        self.validate_sampler()
         if self.use_vllm:
             raise ValueError("use_vllm=True selects TRL's own vLLM path; Nested-ReFT samples through its own engine (set `engine`)")
         if self.loss_type == "vespo":
             raise ValueError("loss_type='vespo' computes its own importance weights; use grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")
+
+    def validate_sampler(self) -> None:
+        """Every sampler setting is forwarded to the engine and to μ, or rejected here."""
+        if self.behavior_logprobs not in BEHAVIOR_LOGPROBS:
+            raise ValueError(f"behavior_logprobs must be one of {BEHAVIOR_LOGPROBS}, got {self.behavior_logprobs!r}")
+        if self.top_k is not None and self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0, or 0 / -1 for off, got {self.top_k!r}")
+        if self.min_p is not None and not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty!r}")
+        extra = json.loads(self.generation_kwargs) if isinstance(self.generation_kwargs, str) else self.generation_kwargs
+        if extra:
+            raise ValueError(f"generation_kwargs {sorted(extra)} are not applied by the Nested-ReFT "
+                             "engines (μ must be the distribution that sampled); use the config's temperature, top_k, "
+                             "top_p, min_p and repetition_penalty")
+        if self.cache_implementation is not None and self.engine != "hf":
+            raise ValueError(f"cache_implementation={self.cache_implementation!r} is a transformers generate() option; "
+                             f"engine={self.engine!r} manages its own cache")
+        plain = (self.top_k in (None, 0, -1) and (self.top_p is None or self.top_p >= 1.0) and not self.min_p
+                 and self.repetition_penalty == 1.0)
+        if self.behavior_logprobs == "rescore" and not plain:
+            raise ValueError(f"behavior_logprobs='rescore' scores softmax(logits / temperature) only, but the sampler "
+                             f"applies top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p}, "
+                             f"repetition_penalty={self.repetition_penalty}: use behavior_logprobs='sampler'")
+        if self.behavior_logprobs == "rescore" and self.behavior != "skip":
+            raise ValueError(f"behavior_logprobs='rescore' re-runs the policy under the skip set; behavior="
+                             f"{self.behavior!r} samples from another model: use behavior_logprobs='sampler'")
 
     def validate_engine(self) -> None:
         if self.engine not in ("vllm", "vllm_server"):

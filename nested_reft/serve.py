@@ -5,8 +5,9 @@
 Endpoints (JSON unless said otherwise; the trainer's client is `VLLMServerEngine`):
   GET  /health          {"status", "num_layers", "skip", "architecture"}
   POST /set_skip        {"layers": [...]} -> {"skip": [...]}
-  POST /generate        {"prompt_token_ids", "sampling": {max_new_tokens, temperature, top_k, top_p,
-                        seed}, "score_logprobs", "ignore_eos", "eos_token_ids"} -> {"completion_ids",
+  POST /generate        {"prompt_token_ids", "sampling": {the SamplingSpec fields: max_new_tokens, temperature,
+                        top_k, top_p, min_p, repetition_penalty, seed}, "score_logprobs", "ignore_eos",
+                        "eos_token_ids"} -> {"completion_ids",
                         "logprobs", "skip", "generate_seconds"}
   POST /update_weights  body: safetensors bytes (Hugging Face names) -> {"num_tensors", "seconds"}
 Requests are served one at a time (one engine). A bad request answers 400 with {"error": ...}.

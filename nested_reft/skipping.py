@@ -85,21 +85,31 @@ class LayerSkipPolicy:
         self.history.append(tuple(skip))
         return tuple(skip)
 
+    @property
+    def mean_skip_ratio(self) -> float:
+        """The centre of the k range as a fraction of the layers (the controller's starting point)."""
+        return (self.k_range[0] + self.k_range[1]) / 2 / self.num_layers
+
     def set_skip_ratio(self, skip_ratio: float) -> None:
-        """Change r (the adaptive controller does); k becomes round(r * L), capped by the eligible layers."""
+        """Move the k range to `skip_ratio` (the adaptive controller does): its width is kept and
+        its centre becomes r * L, rounded, then shifted to stay within [0, eligible layers]."""
         if self.mode == "fixed":
             raise ValueError("the skip ratio of a 'fixed' policy cannot change")
         if not 0 <= skip_ratio < 1:
             raise ValueError(f"skip_ratio must be in [0, 1), got {skip_ratio!r}")
-        k = min(round(skip_ratio * self.num_layers), len(self.eligible))
-        self.skip_ratio, self.k_range = skip_ratio, (k, k)
+        width = self.k_range[1] - self.k_range[0]
+        k_min = round(skip_ratio * self.num_layers - width / 2)
+        k_min = min(max(k_min, 0), len(self.eligible) - width)
+        self.skip_ratio, self.k_range = skip_ratio, (k_min, k_min + width)
 
     def state_dict(self) -> dict:
-        return {"rng": self._rng.getstate(), "history": list(self.history)}
+        return {"rng": self._rng.getstate(), "history": list(self.history), "k_range": list(self.k_range)}
 
     def load_state_dict(self, state: dict) -> None:
         self._rng.setstate(_as_rng_state(state["rng"]))
         self.history = [tuple(s) for s in state["history"]]
+        if "k_range" in state:
+            self.k_range = tuple(state["k_range"])
 
 
 def _as_rng_state(state):

@@ -10,6 +10,7 @@ term (unweighted, as in TRL), logging, checkpoints and PEFT left to TRL.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
 from .corrections import correction_weights, diagnostics
 from .engines import RolloutEngine, SamplingSpec
+from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers
@@ -38,9 +40,16 @@ class NestedReFTTrainer(GRPOTrainer):
     any `RolloutEngine`; by default the one `args.engine` names (`hf`: an in-process `HFEngine`
     sharing the policy's weights; `vllm` / `vllm_server`: an engine with its own copy of the
     weights, synced before the first generation after each optimizer step, as TRL does).
+
+    A generation round is one call of TRL's `_generate`: the skip set is drawn once per round and
+    every turn of it (tool calls make several) samples with that set, so μ is one model.
     """
 
     def __init__(self, *args, engine: RolloutEngine | None = None, **kwargs):
+        bound = inspect.signature(GRPOTrainer.__init__).bind_partial(None, *args, **kwargs).arguments
+        if bound.get("rollout_func") is not None:
+            raise ValueError("rollout_func samples outside the Nested-ReFT engine, so the behavior model and its "
+                             "log-probs would not be the ones corrected for; use tools, or GRPOTrainer for rollout_func")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, NestedReFTConfig):
             raise TypeError(f"NestedReFTTrainer needs a NestedReFTConfig, got {type(self.args).__name__}")
@@ -55,50 +64,105 @@ class NestedReFTTrainer(GRPOTrainer):
         self.skip_controller = None
         if a.correction == "ess_adaptive":
             self.skip_controller = AdaptiveSkipController(
-                a.skip_ratio, a.ess_target, a.ess_band, a.skip_ratio_min, a.skip_ratio_max, a.skip_ratio_step
+                self.skip_policy.mean_skip_ratio, a.ess_target, a.ess_band, a.skip_ratio_min, a.skip_ratio_max,
+                a.skip_ratio_step,
             )
-        truncating = bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
-        self.engine = engine or build_engine(a, policy, self._tokenizer, self.eos_token_ids, truncating)
+        self.engine = engine or build_engine(a, policy, self._tokenizer, self.eos_token_ids)
         self._synced_step: int | None = None
         self._round = 0
         self._round_skip: tuple[int, ...] = ()
-        self._full_tokens_per_s: float | None = None
+        self._round_open = False
+        self._turn = 0
+        self._round_stats: dict[str, float] = {}
+        self._probe_due = bool(a.full_model_probe_every)
 
     # ------------------------------------------------------------------ generation
 
-    def _sampling(self) -> SamplingSpec:
-        seed = self.args.seed * 1_000_003 + self._round * 101 + self.accelerator.process_index
-        return SamplingSpec(max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                            top_k=self.top_k or 0, top_p=self.top_p if self.top_p is not None else 1.0,
-                            seed=seed)
+    def _sampling(self, turn: int, max_new_tokens: int | None = None) -> SamplingSpec:
+        """Turn `turn` of this round on this rank gets seeds no other (round, turn, rank) shares."""
+        seed = round_seed(self.args.seed, self._round, self.accelerator.process_index, turn)
+        return SamplingSpec(max_new_tokens=max_new_tokens or self.max_completion_length,
+                            temperature=self.temperature, top_k=self.top_k or 0,
+                            top_p=self.top_p if self.top_p is not None else 1.0, min_p=self.min_p or 0.0,
+                            repetition_penalty=self.repetition_penalty, seed=seed)
+
+    def _generate(self, prompts: list):
+        mode = "train" if self.model.training else "eval"
+        self._begin_round(mode)
+        try:
+            output = super()._generate(prompts)
+        finally:
+            self._round_open = False
+        self._end_round(mode, output[0])
+        return output
+
+    def _begin_round(self, mode: str) -> None:
+        self._sync_engine_weights(mode)
+        skip = self.skip_policy.draw() if mode == "train" else ()  # evaluation uses the target model
+        if mode == "train" and self.accelerator.num_processes > 1:
+            self._check_same_skip_on_all_ranks(skip)
+        self.engine.set_skip(skip)
+        self._round_skip = skip
+        self._round_open, self._turn = True, 0
+        self._round_stats = {"tokens": 0, "generate_seconds": 0.0, "logprob_seconds": 0.0}
+
+    def _check_same_skip_on_all_ranks(self, skip: tuple[int, ...]) -> None:
+        from accelerate.utils import gather_object
+
+        sets = gather_object([skip])
+        if any(tuple(s) != tuple(skip) for s in sets):
+            raise RuntimeError(f"ranks drew different skip sets in round {self._round}: {sets}")
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None and any(img is not None for img in images) or multimodal_fields:
             raise ValueError("Nested-ReFT rollout engines generate text only; this batch has images")
-        mode = "train" if self.model.training else "eval"
-        self._sync_engine_weights(mode)
-        skip = self.skip_policy.draw() if mode == "train" else ()  # evaluation uses the target model
-        self.engine.set_skip(skip)
-        self._round_skip = skip
-        sampling = self._sampling()
-        rollouts = self.engine.generate(prompt_ids, sampling)
-        metrics = self._metrics[mode]
-        metrics["rollout/skipped_layers"].append(float(len(skip)))
-        metrics["rollout/behavior_tokens_per_s"].append(rollouts.tokens_per_s)
-        metrics["rollout/generate_seconds"].append(rollouts.generate_seconds)
-        metrics["rollout/logprob_seconds"].append(rollouts.logprob_seconds)
-        if mode == "train":
-            every = self.args.full_model_probe_every
-            if not skip:
-                self._full_tokens_per_s = rollouts.tokens_per_s
-            elif every and self._round % every == 0:
-                self._full_tokens_per_s = self._probe_full_model(prompt_ids, sampling)
-            if self._full_tokens_per_s is not None:
-                metrics["rollout/full_tokens_per_s"].append(self._full_tokens_per_s)
-            logger.info("round %d: skipped layers %s, %d tokens at %.0f tokens/s", self._round,
-                        list(skip), rollouts.num_tokens, rollouts.tokens_per_s)
-            self._round += 1
+        if not self._round_open:
+            raise RuntimeError("_generate_single_turn runs inside a generation round (NestedReFTTrainer._generate)")
+        rollouts = self.engine.generate(prompt_ids, self._sampling(self._turn))
+        self._turn += 1
+        stats = self._round_stats
+        stats["tokens"] += rollouts.num_tokens
+        stats["generate_seconds"] += rollouts.generate_seconds
+        stats["logprob_seconds"] += rollouts.logprob_seconds
         return rollouts.completion_ids, rollouts.logprobs
+
+    def _end_round(self, mode: str, prompt_ids: list[list[int]]) -> None:
+        """Round metrics, once per round whatever the number of turns; the probe when due."""
+        skip, stats, metrics = self._round_skip, self._round_stats, self._metrics[mode]
+        tokens_per_s = stats["tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
+        metrics["rollout/skipped_layers"].append(float(len(skip)))
+        metrics["rollout/behavior_tokens_per_s"].append(tokens_per_s)
+        metrics["rollout/generate_seconds"].append(stats["generate_seconds"])
+        metrics["rollout/logprob_seconds"].append(stats["logprob_seconds"])
+        if mode != "train":
+            return
+        metrics["rollout/skip_ratio"].append(len(skip) / self.skip_policy.num_layers)  # the k drawn
+        every = self.args.full_model_probe_every
+        if every and self._round % every == 0:
+            self._probe_due = True
+        if self._probe_due and skip:
+            self._probe(prompt_ids, metrics)
+            self._probe_due = False
+        logger.info("round %d: skipped layers %s, %d tokens at %.0f tokens/s", self._round, list(skip),
+                    stats["tokens"], tokens_per_s)
+        self._round += 1
+
+    def _probe(self, prompt_ids: list[list[int]], metrics) -> None:
+        """Full model against this round's behavior model on the same fixed-length workload (one
+        prompt per group, `full_model_probe_tokens` tokens each, EOS ignored); samples discarded."""
+        prompts = prompt_ids[:: self.num_generations] or prompt_ids[:1]
+        n = min(self.max_completion_length, self.args.full_model_probe_tokens)
+        sampling = self._sampling(MAX_TURNS - 1, max_new_tokens=n)  # a turn no real turn uses
+        skip = self.engine.skip
+        try:
+            behavior = self.engine.generate(prompts, sampling, ignore_eos=True).tokens_per_s
+            self.engine.set_skip(())
+            full = self.engine.generate(prompts, sampling, ignore_eos=True).tokens_per_s
+        finally:
+            self.engine.set_skip(skip)
+        metrics["rollout/full_tokens_per_s"].append(full)
+        metrics["rollout/probe_behavior_tokens_per_s"].append(behavior)
+        metrics["rollout/probe_speedup"].append(behavior / full if full > 0 else 0.0)
 
     def _sync_engine_weights(self, mode: str) -> None:
         """Push what the optimizer changed to an engine with its own weights, once per global step
@@ -115,15 +179,6 @@ class NestedReFTTrainer(GRPOTrainer):
         logger.info("step %d: synced %d tensors to the %s engine in %.3f s", self.state.global_step, count,
                     type(self.engine).__name__, seconds)
 
-    def _probe_full_model(self, prompt_ids, sampling: SamplingSpec) -> float:
-        """Time the full model on the same prompts (samples discarded) for the tokens/s comparison."""
-        skip = self.engine.skip
-        self.engine.set_skip(())
-        try:
-            return self.engine.generate(prompt_ids, sampling).tokens_per_s
-        finally:
-            self.engine.set_skip(skip)
-
     # ------------------------------------------------------------------ correction
 
     @torch.no_grad()
@@ -138,6 +193,12 @@ class NestedReFTTrainer(GRPOTrainer):
             )
         return logps
 
+    def _mu_is_pi_old(self) -> bool:
+        """μ equals π_old exactly: nothing skipped, the sampler is the policy's own weights, and it
+        samples from softmax(logits / T) with nothing truncated or penalised."""
+        return (not self._round_skip and self.engine.shares_policy_weights and self.args.behavior == "skip"
+                and self._sampling(0).only_temperature)
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if not self.model.training:
@@ -146,34 +207,38 @@ class NestedReFTTrainer(GRPOTrainer):
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        old = output.get("old_per_token_logps")
-        behavior = output.get("sampling_per_token_logps")
-        if old is None and behavior is None and not self._round_skip:
-            # μ is π_old itself (same weights, nothing skipped): d_t = 0 exactly, no forward needed
+        if self._mu_is_pi_old():
+            # d_t = 0 exactly, no forward needed; the method's weight at ratio 1 still applies
             old = behavior = torch.zeros_like(mask, dtype=torch.float32)
-        if old is None:  # TRL skips it when π_old equals the policy at loss time; we need it for w_t
-            old = self._policy_logps(output)
-        if behavior is None:  # an engine that shares our weights: score with the same forward as π_old
-            if self._round_skip:
+        else:
+            old = output.get("old_per_token_logps")
+            if old is None:  # TRL skips it when π_old equals the policy at loss time; we need it for w_t
+                old = self._policy_logps(output)
+            behavior = output.get("sampling_per_token_logps")
+            if behavior is None:  # behavior_logprobs='rescore': the skipped forward, as for π_old
                 with skip_layers(self.model, self._round_skip):
                     behavior = self._policy_logps(output)
-            else:
-                behavior = old
         a = self.args
         weights = correction_weights(old, behavior, mask, a.correction, clip=a.clip, lam=a.lam)
-        stats = diagnostics(old, behavior, mask, weights, a.correction, clip=a.clip)
+        stats = diagnostics(*(self._gather_rows(t) for t in (old, behavior, mask, weights)), a.correction, clip=a.clip)
         advantages = output["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         output["advantages"] = advantages * weights.to(advantages.dtype)
         metrics = self._metrics["train"]
-        for key, value in stats.items():
+        for key, value in stats.items():  # over all ranks' tokens, like TRL's own metrics
             metrics[f"correction/{key}"].append(value)
         metrics["correction/seconds"].append(time.perf_counter() - start)
-        metrics["rollout/skip_ratio"].append(self.skip_policy.k_range[1] / self.skip_policy.num_layers)
-        if self.skip_controller is not None:
+        if self.skip_controller is not None:  # every rank sees the same global ESS, so the same k
             self.skip_policy.set_skip_ratio(self.skip_controller.update(stats["ess"]))
         return output
+
+    def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T) on each rank -> (world * B, T_max), padded with zeros (masked out)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        t = self.accelerator.pad_across_processes(t.contiguous(), dim=1, pad_index=0)
+        return self.accelerator.gather(t)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -186,7 +251,8 @@ class NestedReFTTrainer(GRPOTrainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             state = {"skip_policy": self.skip_policy.state_dict(), "round": self._round,
-                     "skip_ratio": self.skip_controller.ratio if self.skip_controller else None}
+                     "skip_ratio": self.skip_controller.ratio if self.skip_controller else None,
+                     "probe_due": self._probe_due}
             with open(os.path.join(folder, self.SKIP_STATE_FILE), "w") as f:
                 json.dump(state, f)
 
@@ -198,6 +264,7 @@ class NestedReFTTrainer(GRPOTrainer):
                 state = json.load(f)
             self.skip_policy.load_state_dict(state["skip_policy"])
             self._round = state["round"]
+            self._probe_due = state.get("probe_due", self._probe_due)
             if self.skip_controller is not None and state["skip_ratio"] is not None:
                 self.skip_controller.ratio = state["skip_ratio"]
                 self.skip_policy.set_skip_ratio(state["skip_ratio"])

@@ -23,9 +23,10 @@ def model_source(policy: nn.Module) -> str:
     return path
 
 
-def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: bool) -> RolloutEngine:
-    """`truncating`: top-k / top-p is on, so vLLM's log-probs would be of the truncated
-    distribution; the engine then does not score and the trainer scores under the skipped model."""
+def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids) -> RolloutEngine:
+    """The engine reports μ from its sampler unless `behavior_logprobs='rescore'`, where the
+    trainer scores the samples with its own forward under the skip set."""
+    score = getattr(args, "behavior_logprobs", "sampler") == "sampler"
     if getattr(args, "behavior", "skip") == "pot":  # validated: engine is 'hf'
         from .pot import PoTHFEngine
 
@@ -36,10 +37,7 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: 
                            eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size, auto_sync=False)
     if args.engine == "hf":
         return HFEngine(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size,
-                        score_logprobs=False)
-    if truncating:
-        logger.info("top-k/top-p is on: behavior log-probs are computed by the trainer under the skipped model "
-                    "(vLLM's would be renormalised over the truncated set)")
+                        score_logprobs=score, cache_implementation=getattr(args, "cache_implementation", None))
     if args.engine == "vllm":
         from .vllm_engine import VLLMEngine
 
@@ -50,7 +48,7 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: 
             model_source(policy), eos_token_ids=eos_token_ids, dtype=dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=args.vllm_max_model_length,
-            seed=args.seed, enable_sleep_mode=args.vllm_enable_sleep_mode, score_logprobs=not truncating,
+            seed=args.seed, enable_sleep_mode=args.vllm_enable_sleep_mode, score_logprobs=score,
             multiprocessing=not args.vllm_in_process, cpu_kvcache_gib=args.vllm_cpu_kvcache_gib,
         )
     if args.engine == "vllm_server":
@@ -59,6 +57,6 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids, truncating: 
         url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
         engine = VLLMServerEngine(url, timeout=args.vllm_request_timeout, retries=args.vllm_server_retries,
                                   wait_for_server=args.vllm_server_timeout, eos_token_ids=eos_token_ids)
-        engine.score_logprobs = not truncating
+        engine.score_logprobs = score
         return engine
     raise ValueError(f"engine must be one of hf, vllm, vllm_server, got {args.engine!r}")

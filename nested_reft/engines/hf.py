@@ -1,15 +1,50 @@
-"""In-process Hugging Face rollout engine that shares the policy's weights (nothing to sync)."""
+"""In-process Hugging Face rollout engine that shares the policy's weights (nothing to sync).
+
+μ comes from the sampler itself: the last logits processor records the log-softmax of the
+processed scores that `generate()` samples from, and the next step gathers the token that was
+drawn. The processors are ours, built from `SamplingSpec` alone; the checkpoint's own
+`generation_config` (Qwen2.5-Instruct ships `repetition_penalty` 1.05, others `top_k` 20, ...)
+is swapped for a neutral one during sampling, so it cannot change the sampler behind μ's back.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..skipping import num_decoder_layers, skip_layers
 from .base import RolloutEngine, Rollouts, SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+LOGPROB_SOURCES = ("sampler", "rescore")
+
+# generation_config fields that change the distribution sampled from (or which tokens may be
+# drawn); a checkpoint setting any of them is reported once, then neutralised.
+SAMPLER_FIELDS = {
+    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "top_h": None, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
+    "renormalize_logits": False, "remove_invalid_values": False, "watermarking_config": None,
+    "min_length": 0, "min_new_tokens": None,
+}
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,26 +81,109 @@ def completion_logprobs(model: nn.Module, prompt_ids: list[list[int]], completio
     return out
 
 
+def sampling_processors(sampling: SamplingSpec) -> list[LogitsProcessor]:
+    """The processors of `sampling`, in vLLM's order (penalty, temperature, min-p, top-k, top-p)."""
+    procs: list[LogitsProcessor] = []
+    if sampling.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.min_p > 0:
+        procs.append(MinPLogitsWarper(sampling.min_p))
+    if sampling.top_k > 0:
+        procs.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        procs.append(TopPLogitsWarper(sampling.top_p))
+    return procs
+
+
+class SampledLogprobRecorder(LogitsProcessor):
+    """Last processor of the list: keeps log softmax of the scores `generate()` samples from and,
+    one step later, gathers the token that was drawn (it is then the last input id). One (B, V)
+    float32 buffer, whatever the length; `finish(sequences)` gathers the final token."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._gather(input_ids[:, -1])
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        if self._last is not None:
+            self.steps.append(self._last.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self._last = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, new tokens) log-probs of the sampled tokens."""
+        self._gather(sequences[:, -1])
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float32)
+
+
+def _generation_owner(model: nn.Module) -> nn.Module:
+    """The transformers model whose `generation_config` generate() reads (PEFT wraps it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_sampler_settings(model: nn.Module) -> dict:
+    """Sampler-changing fields the checkpoint's generation_config sets to non-neutral values."""
+    config = getattr(_generation_owner(model), "generation_config", None)
+    if config is None:
+        return {}
+    found = {}
+    for name, neutral in SAMPLER_FIELDS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral and not (name == "top_k" and value in (0, 50)):
+            found[name] = value
+    return found
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model: nn.Module):
+    """Swap the checkpoint's generation_config for one holding only its special-token ids:
+    generate() fills every unset field from `model.generation_config` (transformers#42762)."""
+    owner = _generation_owner(model)
+    saved = getattr(owner, "generation_config", None)
+    ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    owner.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
+
+
 class HFEngine(RolloutEngine):
     """Samples with `model.generate()` inside `skip_layers`; the model object is the policy itself.
 
-    Behavior log-probs are computed by a teacher-forced pass of the same skipped model over the
-    sampled tokens, at the sampling temperature and before top-k / top-p truncation.
+    `logprobs_source`: `sampler` (default) returns μ from the scores generate() sampled from, in
+    float32, with no extra forward; `rescore` runs a teacher-forced forward of the skipped model
+    over the samples (only where the sampler is plain temperature sampling). `score_logprobs=False`
+    returns no log-probs at all. `cache_implementation` is passed to generate() (speed and memory
+    only; it does not change the distribution).
     """
 
     shares_policy_weights = True
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_ids: Iterable[int] | None = None,
-                 batch_size: int = 64, score_logprobs: bool = True):
+                 batch_size: int = 64, score_logprobs: bool = True, logprobs_source: str = "sampler",
+                 cache_implementation: str | None = None):
+        if logprobs_source not in LOGPROB_SOURCES:
+            raise ValueError(f"logprobs_source must be one of {LOGPROB_SOURCES}, got {logprobs_source!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = list(eos_token_ids) if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.batch_size = batch_size
-        # The trainer turns this off and scores samples with its own forward (the one it uses
-        # for π_old), so that with nothing skipped the two agree exactly.
         self.score_logprobs = score_logprobs
+        self.logprobs_source = logprobs_source
+        self.cache_implementation = cache_implementation
         self.num_layers = num_decoder_layers(model)
+        ignored = checkpoint_sampler_settings(model)
+        if ignored:
+            logger.info("the checkpoint's generation_config sets %s; rollouts ignore it and sample with the "
+                        "trainer's settings only (set them in the config to use them)", ignored)
 
     def set_skip(self, layers) -> None:
         bad = [i for i in layers if not 0 <= i < self.num_layers]
@@ -73,41 +191,63 @@ class HFEngine(RolloutEngine):
             raise ValueError(f"layer indices {bad} are out of range for a model with {self.num_layers} layers")
         super().set_skip(layers)
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSpec, ignore_eos: bool = False) -> list[list[int]]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSpec,
+                        ignore_eos: bool = False) -> tuple[list[list[int]], list[list[float]]]:
         device = next(self.model.parameters()).device
         ids, mask = _left_pad(prompts, self.pad_id, device)
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
-            top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.max_new_tokens if ignore_eos else None,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+        recorder = SampledLogprobRecorder()
+        # generate() itself adds no warper (temperature 1, top-k 0, top-p 1): ours run, last.
+        config = GenerationConfig(
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.max_new_tokens if ignore_eos else None, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id, cache_implementation=self.cache_implementation, disable_compile=True,
         )
-        completions = []
-        for row in out[:, ids.shape[1]:].tolist():
+        with neutral_generation_config(self.model):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                logits_processor=LogitsProcessorList([*sampling_processors(sampling), recorder]),
+            )
+        new = out[:, ids.shape[1]:]
+        logps = recorder.finish(out).tolist()
+        completions, lps = [], []
+        for row, lp in zip(new.tolist(), logps):
             for t, tok in enumerate(row):
                 if tok in self.eos_ids:  # keep the EOS token (it is part of what was sampled)
                     row = row[: t + 1]
                     break
             completions.append(row)
-        return completions
+            lps.append(lp[: len(row)])
+        return completions, lps
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
-        """`ignore_eos`: sample exactly max_new_tokens per prompt (EOS suppressed; for throughput)."""
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        """`ignore_eos`: sample exactly max_new_tokens per prompt (EOS suppressed; for throughput).
+        The global RNG is left as it was: `sampling.seed` seeds a forked generator."""
+        if self.score_logprobs and self.logprobs_source == "rescore" and not sampling.only_temperature:
+            raise ValueError(f"logprobs_source='rescore' scores softmax(logits / T) only; this sampler also applies "
+                             f"top_k={sampling.top_k}, top_p={sampling.top_p}, min_p={sampling.min_p}, "
+                             f"repetition_penalty={sampling.repetition_penalty}: use logprobs_source='sampler'")
         was_training = self.model.training
         self.model.eval()
+        device = next(self.model.parameters()).device
         try:
-            with skip_layers(self.model, self.skip):
+            with skip_layers(self.model, self.skip), torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else []):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
                 start = time.perf_counter()
                 completions: list[list[int]] = []
+                sampled_lps: list[list[float]] = []
                 for i in range(0, len(prompt_token_ids), self.batch_size):
-                    completions += self._generate_batch(prompt_token_ids[i:i + self.batch_size], sampling, ignore_eos)
+                    c, lp = self._generate_batch(prompt_token_ids[i:i + self.batch_size], sampling, ignore_eos)
+                    completions += c
+                    sampled_lps += lp
                 gen_s = time.perf_counter() - start
                 start = time.perf_counter()
                 logprobs = None
-                if self.score_logprobs:
+                if self.score_logprobs and self.logprobs_source == "sampler":
+                    logprobs = sampled_lps
+                elif self.score_logprobs:
                     logprobs = completion_logprobs(self.model, prompt_token_ids, completions,
                                                    sampling.temperature, self.pad_id, self.batch_size)
                 lp_s = time.perf_counter() - start

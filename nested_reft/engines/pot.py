@@ -85,7 +85,7 @@ class PoTBehaviorModel:
 class PoTHFEngine(HFEngine):
     """`HFEngine` sampling from a PoT-quantized copy of the policy (optionally also layer-skipped).
 
-    Behavior log-probs are always scored by the quantized copy (`score_logprobs` is forced on).
+    Behavior log-probs are always those of the quantized copy's sampler (`score_logprobs` is forced on).
     The copy has its own weights, so the trainer pushes the changed ones after each optimizer step
     (`load_weights`), as for vLLM: version counters alone are not enough, because fused optimizers
     (transformers' default `adamw_torch_fused`) update parameters without bumping them."""
@@ -100,10 +100,10 @@ class PoTHFEngine(HFEngine):
         super().__init__(self.behavior.model, tokenizer, eos_token_ids=eos_token_ids,
                          batch_size=batch_size, score_logprobs=True)
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> Rollouts:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         if self.auto_sync and self.behavior.stale:
             self.behavior.sync()
-        return super().generate(prompt_token_ids, sampling)
+        return super().generate(prompt_token_ids, sampling, ignore_eos=ignore_eos)
 
     def load_weights(self, named_tensors) -> None:
         """Re-quantize the sampler from (name, tensor) pairs of the policy (after a weight sync)."""

@@ -5,10 +5,9 @@ The checkpoint is served by our skip-aware subclass of its vLLM architecture (se
 the skip set and loads new weights in place on every worker through `collective_rpc`.
 
 Behavior log-probs come from vLLM's sampler with `logprobs_mode="processed_logprobs"`: the
-log-softmax of the logits after temperature. vLLM computes that *after* top-k / top-p truncation
-(renormalised over the kept tokens), which is not the untruncated log μ the correction needs, so
-with truncation on this engine refuses to score (`score_logprobs=True` raises) and the trainer
-scores the samples under the skipped model itself.
+log-softmax of the logits after the repetition penalty, temperature, min-p and top-k / top-p
+(renormalised over the kept tokens), i.e. of the distribution that sampled, as the HF engine
+reports it (docs/nested_reft.md, "behavior log-probs").
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .base import RolloutEngine, Rollouts, SamplingSpec
+from .base import RolloutEngine, Rollouts, SamplingSpec, request_seeds
 from .vllm_plugin import skip_architecture
 
 logger = logging.getLogger(__name__)
@@ -52,20 +51,18 @@ def checkpoint_architectures(model_path: str, revision: str | None = None) -> li
     return list(AutoConfig.from_pretrained(model_path, revision=revision).architectures or [])
 
 
-def truncates(sampling: SamplingSpec) -> bool:
-    return sampling.top_k not in (0, -1) or sampling.top_p < 1.0
-
-
 def vllm_sampling_params(sampling: SamplingSpec, n_prompts: int, *, eos_ids, logprobs: bool, ignore_eos: bool = False):
-    """One SamplingParams per prompt: request i is seeded with seed + i, so a batch replays."""
+    """One SamplingParams per prompt: request i is seeded with seed + i (distinct across rounds and
+    ranks when the seed comes from `round_seed`), so a batch replays."""
     from vllm import SamplingParams
 
-    common = dict(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
+    common = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                  min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
                   max_tokens=sampling.max_new_tokens, logprobs=0 if logprobs else None,
                   stop_token_ids=list(eos_ids) if eos_ids else None, ignore_eos=ignore_eos, detokenize=False)
     if sampling.seed is None:
         return [SamplingParams(**common) for _ in range(n_prompts)]
-    return [SamplingParams(seed=sampling.seed + i, **common) for i in range(n_prompts)]
+    return [SamplingParams(seed=seed, **common) for seed in request_seeds(sampling.seed, n_prompts)]
 
 
 def rollouts_from_outputs(outputs, logprobs: bool, skip, seconds: float) -> Rollouts:
@@ -184,11 +181,6 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         if self.sleeping:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
-        if self.score_logprobs and truncates(sampling):
-            raise ValueError(
-                f"vLLM reports log-probs after top-k/top-p truncation (top_k={sampling.top_k}, top_p={sampling.top_p}), "
-                "not the untruncated behavior log-probs; use top_k=0, top_p=1, or score_logprobs=False and score the samples elsewhere"
-            )
         from vllm.inputs import TokensPrompt
 
         params = vllm_sampling_params(sampling, len(prompt_token_ids), eos_ids=self.eos_ids,

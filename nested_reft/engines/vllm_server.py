@@ -8,6 +8,7 @@ reports for a bad request (HTTP 400) are raised as `ValueError` with the server'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -92,8 +93,7 @@ class VLLMServerEngine(RolloutEngine):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         payload = {"prompt_token_ids": prompt_token_ids, "ignore_eos": ignore_eos, "score_logprobs": self.score_logprobs,
                    "eos_token_ids": self.eos_ids,
-                   "sampling": {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-                                "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed}}
+                   "sampling": dataclasses.asdict(sampling)}
         out = self._request("POST", "/generate", payload)
         if tuple(out["skip"]) != self.skip:
             raise RuntimeError(f"the server sampled with skip set {out['skip']}, the client expected {list(self.skip)} "
