@@ -243,14 +243,14 @@ class HFEngine(RolloutEngine):
                     completions += c
                     sampled_lps += lp
                 gen_s = time.perf_counter() - start
-                start = time.perf_counter()
-                logprobs = None
+                logprobs, lp_s = None, 0.0
                 if self.score_logprobs and self.logprobs_source == "sampler":
                     logprobs = sampled_lps
                 elif self.score_logprobs:
+                    start = time.perf_counter()
                     logprobs = completion_logprobs(self.model, prompt_token_ids, completions,
                                                    sampling.temperature, self.pad_id, self.batch_size)
-                lp_s = time.perf_counter() - start
+                    lp_s = time.perf_counter() - start
         finally:
             self.model.train(was_training)
         return Rollouts(completions, logprobs, self.skip, gen_s, lp_s)
