@@ -1,17 +1,28 @@
 """Off-policy correction weights for behavior-sampled tokens (SPEC §1), and their diagnostics.
 
-With `d_t = log π_old(y_t) − log μ(y_t)` per token, each method gives a per-token weight `w_t`
-that multiplies the GRPO per-token loss. Everything is computed in log space, so log-ratios of
-±1e4 give no inf or NaN; weights are detached and zero where the mask is zero.
+With `d_t = log π_old(y_t) − log μ(y_t)` per token and `ρ_t = exp(d_t)`, each method gives a
+per-token weight `w_t` that multiplies the GRPO per-token loss. Weights are detached, float32,
+finite and non-negative for any input (±inf, NaN, ±1e30 log-probs), and zero where the mask is zero.
 
-| method       | w_t                                                  |
-|--------------|------------------------------------------------------|
-| none         | 1                                                    |
-| tis          | min(exp(d_t), C)                                     |
-| retrace      | λ · min(1, exp(d_t))                                 |
-| seq_tis      | min(exp(mean_t d_t), C) on every token of a sequence |
-| seq_mask     | 1 if exp(mean_t d_t) ∈ [1/C, C] else 0               |
-| ess_adaptive | as tis (the skip ratio is steered by `AdaptiveSkipController`) |
+| method       | w_t                                                              |
+|--------------|------------------------------------------------------------------|
+| none         | 1                                                                |
+| tis          | min(ρ_t, C)                                                      |
+| retrace      | Π_{s≤t} c_s with c_s = λ · min(1, ρ_s) (the Retrace(λ) trace)    |
+| seq_tis      | min(exp(mean_t d_t), C) on every token of a sequence             |
+| seq_mask     | 1 if exp(mean_t d_t) ∈ [1/C, C] else 0                           |
+| seq_is       | min(exp(Σ_t d_t), C) on every token of a sequence, C = ∞ allowed |
+| ess_adaptive | as tis (the skip ratio is steered by `AdaptiveSkipController`)   |
+
+Only `seq_is` at C = ∞ is unbiased for a sequence-level reward: it is the sequence ratio
+π_old(y)/μ(y). The per-token ratios (`tis`, `retrace`) do not correct the distribution of the
+prefix, and the geometric mean (`seq_tis`) is not the sequence ratio (docs/nested_reft.md).
+
+Numerics: everything is computed in float64 log space. A NaN log-ratio (e.g. −inf minus −inf)
+counts as −inf (weight 0); a sequence holding a −inf token has sequence log-ratio −inf (π_old gives
+it probability 0), whatever else it holds. Every log-weight is capped at `LOG_WEIGHT_MAX` = 80
+(e^80 ≈ 5.5e34, so float32 weights and sums of many of them stay finite): with C = ∞ (`tis`,
+`seq_is`), that cap is the only truncation, and it binds only on ratios above e^80.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ import math
 
 import torch
 
-METHODS = ("none", "tis", "retrace", "seq_tis", "seq_mask", "ess_adaptive")
+METHODS = ("none", "tis", "retrace", "seq_tis", "seq_mask", "ess_adaptive", "seq_is")
+LOG_WEIGHT_MAX = 80.0
 
 
 def _check(method: str, clip: float, lam: float) -> None:
@@ -32,41 +44,57 @@ def _check(method: str, clip: float, lam: float) -> None:
         raise ValueError(f"lam (Retrace λ) must be in [0, 1], got {lam!r}")
 
 
+def _log_cap(clip: float) -> float:
+    """The log-weight bound: log C, never above LOG_WEIGHT_MAX (so C = ∞ stays finite)."""
+    return min(math.log(clip), LOG_WEIGHT_MAX)
+
+
 def log_ratios(target_logps: torch.Tensor, behavior_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """d_t, zero at masked positions; a NaN (e.g. -inf minus -inf) becomes -inf (weight 0)."""
-    d = (target_logps.detach().float() - behavior_logps.detach().float())
+    """d_t in float64, zero at masked positions; a NaN (e.g. -inf minus -inf) becomes -inf (weight 0)."""
+    d = target_logps.detach().double() - behavior_logps.detach().double()
     d = torch.where(torch.isnan(d), torch.full_like(d, -math.inf), d)
     return torch.where(mask.bool(), d, torch.zeros_like(d))
 
 
+def _sequence_sums(d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t d_t per sequence, shape (B,). Any -inf token makes it -inf; without one, +inf tokens
+    give +inf (never inf - inf = NaN)."""
+    neg_inf = (d == -math.inf) & mask.bool()
+    total = torch.where(neg_inf, torch.zeros_like(d), d).sum(-1)
+    return torch.where(neg_inf.any(-1), torch.full_like(total, -math.inf), total)
+
+
 def sequence_log_ratios(d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean_t d_t per sequence over unmasked tokens, shape (B,); 0 for empty sequences."""
-    m = mask.float()
-    total = torch.where(m.bool(), d, torch.zeros_like(d)).sum(-1)
-    return total / m.sum(-1).clamp(min=1.0)
+    return _sequence_sums(d, mask) / mask.bool().sum(-1).clamp(min=1)
 
 
 def correction_weights(target_logps: torch.Tensor, behavior_logps: torch.Tensor, mask: torch.Tensor,
                        method: str, *, clip: float = 2.0, lam: float = 1.0) -> torch.Tensor:
-    """Per-token weights (B, T), detached, float32, zero where `mask` is 0."""
+    """Per-token weights (B, T), detached, float32, finite, zero where `mask` is 0."""
     _check(method, clip, lam)
-    m = mask.float()
+    valid = mask.bool()
     if method == "none":
-        return m.clone()
+        return valid.float()
     d = log_ratios(target_logps, behavior_logps, mask)
-    log_c = math.log(clip)
+    log_c = _log_cap(clip)
     if method in ("tis", "ess_adaptive"):
-        w = torch.exp(d.clamp(max=log_c))
+        log_w = d.clamp(max=log_c)
     elif method == "retrace":
-        w = lam * torch.exp(d.clamp(max=0.0))
-    else:
+        # log c_s = log λ + min(0, d_s); masked positions add log 1 = 0 to the running product.
+        log_lam = math.log(lam) if lam > 0 else -math.inf
+        log_c_s = torch.where(valid, log_lam + d.clamp(max=0.0), torch.zeros_like(d))
+        log_w = log_c_s.cumsum(-1)  # terms are <= 0 or -inf: never inf - inf
+    elif method == "seq_mask":
         seq = sequence_log_ratios(d, mask)
-        if method == "seq_tis":
-            w = torch.exp(seq.clamp(max=log_c))
-        else:  # seq_mask
-            w = ((seq >= -log_c) & (seq <= log_c)).float()
-        w = w.unsqueeze(-1).expand_as(m)
-    return (w * m).detach()
+        bound = math.log(clip)  # a rejection bound on the ratio, not a weight: no cap needed
+        inside = (seq >= -bound) & (seq <= bound)
+        log_w = torch.where(inside, torch.zeros_like(seq), torch.full_like(seq, -math.inf)).unsqueeze(-1).expand_as(d)
+    else:
+        seq = sequence_log_ratios(d, mask) if method == "seq_tis" else _sequence_sums(d, mask)
+        log_w = seq.clamp(max=log_c).unsqueeze(-1).expand_as(d)
+    w = torch.exp(log_w.clamp(max=LOG_WEIGHT_MAX))
+    return torch.where(valid, w, torch.zeros_like(w)).float().detach()
 
 
 @torch.no_grad()
@@ -75,8 +103,8 @@ def diagnostics(target_logps: torch.Tensor, behavior_logps: torch.Tensor, mask: 
     """What SPEC §1 asks to log each step, over unmasked tokens.
 
     ratio_{mean,min,max}: exp(d_t) (bounded at e^80 for the statistics only); clipped_frac: the
-    fraction of tokens (or, for sequence methods, of sequences) whose weight was truncated or
-    masked; ess: (Σw)² / (N Σw²); kl_behavior: KL(μ‖π_old) ≈ mean(−d_t).
+    fraction of tokens (for `retrace`: tokens with ρ_t > 1; for sequence methods: sequences) whose
+    weight was truncated or masked; ess: (Σw)² / (N Σw²); kl_behavior: KL(μ‖π_old) ≈ mean(−d_t).
     """
     valid = mask.bool()
     n = int(valid.sum())
@@ -85,18 +113,22 @@ def diagnostics(target_logps: torch.Tensor, behavior_logps: torch.Tensor, mask: 
                 "ess": 1.0, "kl_behavior": 0.0}
     d = log_ratios(target_logps, behavior_logps, mask)
     dv = d[valid]
-    ratio = torch.exp(dv.clamp(max=80.0))
-    w = weights.detach().float()[valid]
+    ratio = torch.exp(dv.clamp(max=LOG_WEIGHT_MAX))
+    w = weights.detach().double()[valid]
     w_sum, w_sq = float(w.sum()), float((w * w).sum())
-    log_c = math.log(clip)
+    log_c = _log_cap(clip)
+    rows = valid.any(-1)
     if method in ("tis", "ess_adaptive"):
         clipped = float((dv > log_c).float().mean())
     elif method == "retrace":
         clipped = float((dv > 0).float().mean())
-    elif method in ("seq_tis", "seq_mask"):
-        seq = sequence_log_ratios(d, mask)[valid.any(-1)]
-        out = (seq > log_c) if method == "seq_tis" else ((seq < -log_c) | (seq > log_c))
-        clipped = float(out.float().mean())
+    elif method == "seq_tis":
+        clipped = float((sequence_log_ratios(d, mask)[rows] > log_c).float().mean())
+    elif method == "seq_is":
+        clipped = float((_sequence_sums(d, mask)[rows] > log_c).float().mean())
+    elif method == "seq_mask":
+        seq, bound = sequence_log_ratios(d, mask)[rows], math.log(clip)
+        clipped = float(((seq < -bound) | (seq > bound)).float().mean())
     else:
         clipped = 0.0
     finite = dv[torch.isfinite(dv)]
@@ -112,6 +144,6 @@ def diagnostics(target_logps: torch.Tensor, behavior_logps: torch.Tensor, mask: 
 
 def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> float:
     """Normalised ESS (Σw)² / (N Σw²) in (0, 1] over unmasked entries."""
-    w = weights.detach().float()[mask.bool()]
+    w = weights.detach().double()[mask.bool()]
     sq = float((w * w).sum())
     return float(w.sum()) ** 2 / (w.numel() * sq) if sq > 0 else 0.0
