@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +40,8 @@ class NestedReFTConfig(GRPOConfig):
     pot_group_size: int = field(default=128, metadata={"help": "behavior='pot': weights sharing one fp16 scale, along the input dimension."})
     # --- off-policy correction
     correction: str = field(default="tis", metadata={"help": f"Per-token correction weight: one of {METHODS}. 'none' treats behavior samples as on-policy (biased ablation).", "choices": list(METHODS)})
-    clip: float = field(default=2.0, metadata={"help": "C: cap of the importance ratio for tis / seq_tis, and the [1/C, C] band of seq_mask."})
-    lam: float = field(default=1.0, metadata={"help": "Retrace lambda: the retrace weight is lam * min(1, ratio)."})
+    clip: float | None = field(default=None, metadata={"help": "C: cap of the importance ratio for tis / seq_tis / seq_is, and the [1/C, C] band of seq_mask; 'inf' is untruncated. Default: 2.0, or inf for seq_is (its unbiased setting)."})
+    lam: float = field(default=1.0, metadata={"help": "Retrace lambda: the retrace weight of token t is the trace prod_{s<=t} lam * min(1, ratio_s)."})
     # --- adaptive skip controller (active with correction='ess_adaptive')
     ess_target: float = field(default=0.8, metadata={"help": "ess_adaptive: raise the skip ratio while ESS stays above this, lower it when ESS falls below."})
     ess_band: float = field(default=0.05, metadata={"help": "ess_adaptive: dead band below ess_target in which the ratio is kept."})
@@ -85,6 +86,8 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError(f"set both skip_k_min and skip_k_max or neither, got {self.skip_k_min!r}, {self.skip_k_max!r}")
         if self.skip_mode == "fixed" and not self.skip_layers:
             raise ValueError("skip_mode='fixed' needs skip_layers, the list of layers to skip")
+        if self.clip is None:
+            self.clip = math.inf if self.correction == "seq_is" else 2.0
         if not self.clip >= 1:
             raise ValueError(f"clip must be >= 1, got {self.clip!r}")
         if not 0 <= self.lam <= 1:
