@@ -35,3 +35,21 @@ def test_controller_drives_the_policy_and_validates():
         AdaptiveSkipController(0.2, target=1.5)
     with pytest.raises(ValueError, match="cannot change"):
         LayerSkipPolicy(8, mode="fixed", layers=[3]).set_skip_ratio(0.5)
+
+
+def test_controller_moves_a_k_range_keeping_its_width():
+    from nested_reft.skipping import LayerSkipPolicy
+
+    policy = LayerSkipPolicy(8, keep_first=2, keep_last=2, k_range=(0, 2), seed=0)  # 4 eligible layers
+    assert policy.mean_skip_ratio == 1 / 8
+    policy.set_skip_ratio(0.25)  # centre 2 layers
+    assert policy.k_range == (1, 3)
+    policy.set_skip_ratio(0.49)  # centre 3.9: shifted back inside the 4 eligible layers
+    assert policy.k_range == (2, 4)
+    policy.set_skip_ratio(0.0)
+    assert policy.k_range == (0, 2)
+    assert all(0 <= len(policy.draw()) <= 2 for _ in range(20))
+    state = policy.state_dict()
+    policy.set_skip_ratio(0.3)
+    policy.load_state_dict(state)
+    assert policy.k_range == (0, 2)  # the range is part of the checkpointed state

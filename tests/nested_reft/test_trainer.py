@@ -150,8 +150,78 @@ def test_training_runs_a_few_steps(small_model_dir, chat_tokenizer, tmp_path):
         (dict(behavior="int8"), "'int8'"),
         (dict(behavior="pot", pot_bits=5), "got 5"),
         (dict(behavior="pot", engine="vllm_server"), "needs engine='hf'"),
+        (dict(correction="ess_adaptive", skip_mode="fixed", skip_layers=[2]), "skip_mode='fixed'"),
+        (dict(generation_kwargs={"suppress_tokens": [3]}), "suppress_tokens"),
+        (dict(cache_implementation="static", engine="vllm_server"), "'static'"),
+        (dict(behavior_logprobs="rescore", top_k=5), "top_k=5"),
+        (dict(behavior_logprobs="rescore", repetition_penalty=1.1), "repetition_penalty=1.1"),
+        (dict(behavior_logprobs="rescore", behavior="pot"), "behavior='pot'"),
+        (dict(behavior_logprobs="forward"), "'forward'"),
+        (dict(top_k=-2), "got -2"),
+        (dict(min_p=1.5), "got 1.5"),
+        (dict(repetition_penalty=0.0), "got 0.0"),
+        (dict(full_model_probe_every=-1), "-1"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         NestedReFTConfig(output_dir=str(tmp_path), report_to=[], **kwargs)
+
+
+def test_rollout_func_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="rollout_func"):
+        NestedReFTTrainer(model="no/such-model", reward_funcs=length_reward, rollout_func=lambda prompts, trainer: {},
+                          args=NestedReFTConfig(output_dir=str(tmp_path), **SHARED))
+
+
+def test_every_turn_of_a_round_samples_with_the_rounds_skip_set(small_model_dir, chat_tokenizer, tmp_path, monkeypatch):
+    """A tool call makes TRL sample a second turn inside one `_generate`: same skip set (so μ is one
+    model), its own seeds, one draw, one round, one set of round metrics."""
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer, train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1,
+                              full_model_probe_every=0, **SHARED),
+    )
+    calls = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda ids, spec, **kw: calls.append((trainer.engine.skip, spec.seed)) or generate(ids, spec, **kw)
+    trl_generate = GRPOTrainer._generate
+
+    def with_a_tool_turn(self, prompts):  # stands in for TRL's tool loop: one more turn in the round
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        self._generate_single_turn(prompt_ids, None, {}, 1)
+        return trl_generate(self, prompts)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate", with_a_tool_turn)
+    first_inputs(trainer)
+    assert len(calls) == 2 and calls[0][0] == calls[1][0] == trainer.skip_policy.history[0] != ()
+    assert calls[0][1] != calls[1][1]
+    assert len(trainer.skip_policy.history) == 1 and trainer._round == 1
+    assert len(trainer._metrics["train"]["rollout/skipped_layers"]) == 1
+    with pytest.raises(RuntimeError, match="generation round"):
+        trainer._generate_single_turn([[1, 2]], None, {}, 1)
+
+
+def test_skip_ratio_logs_the_k_drawn_and_the_probe_only_when_measured(small_model_dir, chat_tokenizer, tmp_path):
+    args = NestedReFTConfig(output_dir=str(tmp_path), skip_k_min=0, skip_k_max=2, keep_first=1, keep_last=1,
+                            full_model_probe_every=2, max_steps=4, **SHARED)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    probes = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda ids, spec, ignore_eos=False: (
+        probes.append((len(ids), spec.max_new_tokens, trainer.engine.skip)) if ignore_eos else None) or generate(ids, spec, ignore_eos=ignore_eos)
+    trainer.train()
+    history = trainer.skip_policy.history
+    logs = [h for h in trainer.state.log_history if "rollout/skip_ratio" in h]
+    assert [h["rollout/skip_ratio"] for h in logs] == pytest.approx([len(s) / 6 for s in history])
+    due, measured = False, []  # due every 2 rounds; a round that skips nothing defers it to the next
+    for r, s in enumerate(history):
+        due = due or r % 2 == 0
+        if due and s:
+            measured.append(r)
+            due = False
+    assert [r for r, h in enumerate(logs) if "rollout/full_tokens_per_s" in h] == measured
+    assert all("rollout/probe_speedup" in logs[r] and logs[r]["rollout/full_tokens_per_s"] > 0 for r in measured)
+    # fixed-length workload: one prompt per group (8 / 4), max_completion_length tokens, EOS ignored
+    assert probes == [p for r in measured for p in ((2, 12, history[r]), (2, 12, ()))]
