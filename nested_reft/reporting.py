@@ -59,11 +59,14 @@ PANELS = (
     ("reward", ("reward",), "mean reward"),
     ("accuracy", ("rewards/accuracy_reward/mean", "heldout/accuracy"), "accuracy"),
     ("ess", ("correction/ess",), "effective sample size"),
-    ("tokens/s", ("rollout/behavior_tokens_per_s", "rollout/full_tokens_per_s"), "rollout tokens/s"),
+    ("tokens/s", ("rollout/behavior_tokens_per_s", "rollout/probe_behavior_tokens_per_s",
+                  "rollout/full_tokens_per_s"), "rollout tokens/s"),
 )
 
 
-LABELS = {"rewards/accuracy_reward/mean": "train (sampled)", "heldout/accuracy": "held-out greedy"}
+LABELS = {"rewards/accuracy_reward/mean": "train (sampled)", "heldout/accuracy": "held-out greedy",
+          "rollout/behavior_tokens_per_s": "behavior (rounds)",
+          "rollout/probe_behavior_tokens_per_s": "behavior (probe)", "rollout/full_tokens_per_s": "full (probe)"}
 
 
 def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None,

@@ -122,7 +122,10 @@ def main(argv=None) -> dict:
 
     rows = read_jsonl(out / "metrics.jsonl")
     step_rows = [r for r in rows if "correction/ess" in r]
-    mean = lambda key: sum(r[key] for r in step_rows) / len(step_rows) if step_rows and all(key in r for r in step_rows) else float("nan")  # noqa: E731
+    def mean(key: str) -> float:  # over the steps that logged it (the probe logs only when it measures)
+        values = [r[key] for r in step_rows if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
     summary = {
         "model": model_path, "dataset": script_args.dataset_path or script_args.dataset_name,
         "engine": training_args.engine,
@@ -133,6 +136,9 @@ def main(argv=None) -> dict:
         "mean_ess": mean("correction/ess"),
         "behavior_tokens_per_s": mean("rollout/behavior_tokens_per_s"),
         "full_tokens_per_s": mean("rollout/full_tokens_per_s"),
+        "probe_behavior_tokens_per_s": mean("rollout/probe_behavior_tokens_per_s"),
+        "probe_speedup": mean("rollout/probe_speedup"),
+        "generate_seconds_per_round": mean("rollout/generate_seconds"),
         "weight_sync_seconds": mean("rollout/weight_sync_seconds"),
         "skip_history": [list(s) for s in trainer.skip_policy.history],
     }
@@ -147,7 +153,9 @@ def main(argv=None) -> dict:
     print(f"| after {trainer.state.global_step} steps | {after['accuracy']:.1%} | {after['format_rate']:.1%} |")
     print(f"\nengine {training_args.engine}, skip_ratio {training_args.skip_ratio}, correction {training_args.correction}: "
           f"{summary['seconds_per_step']:.1f} s/step, mean ESS {summary['mean_ess']:.3f}, rollout tokens/s "
-          f"behavior {summary['behavior_tokens_per_s']:.0f} vs full {summary['full_tokens_per_s']:.0f}")
+          f"{summary['behavior_tokens_per_s']:.0f} in rounds; fixed-length probe: behavior "
+          f"{summary['probe_behavior_tokens_per_s']:.0f} vs full {summary['full_tokens_per_s']:.0f} "
+          f"({summary['probe_speedup']:.2f}x)")
     print(f"outputs: {out}/summary.json, metrics.jsonl, training.png")
     return summary
 

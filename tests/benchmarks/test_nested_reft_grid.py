@@ -9,7 +9,8 @@ from benchmarks import nested_reft_grid as grid
 
 def fake_summary(ratio, correction, before=0.2, after=0.3):
     return {"skip_ratio": ratio, "correction": correction, "before": {"accuracy": before},
-            "after": {"accuracy": after}, "behavior_tokens_per_s": 1500.0, "full_tokens_per_s": 1200.0,
+            "after": {"accuracy": after}, "behavior_tokens_per_s": 1400.0,
+            "probe_behavior_tokens_per_s": 1500.0 if ratio else float("nan"), "full_tokens_per_s": 1200.0,
             "seconds_per_step": 3.25, "mean_ess": 0.9431, "mean_kl_behavior": 0.1049}
 
 
@@ -22,7 +23,7 @@ def test_table_row_numbers():
     row = grid.table([fake_summary(0.25, "tis", 0.217, 0.273)]).splitlines()[-1]
     assert row == "| 0.25 | tis | 21.7% | 27.3% | +5.6 | 1500 | 1200 | 3.2 | 0.943 | 0.105 |"
     zero = grid.table([fake_summary(0.0, "none")]).splitlines()[-1]
-    assert zero.startswith("| 0.0 | any (w ≡ 1) |")
+    assert zero.startswith("| 0.0 | any (w ≡ 1) |") and "| — | 1200 |" in zero
 
 
 def test_parallel_grid_keeps_grid_order(tmp_path, monkeypatch):

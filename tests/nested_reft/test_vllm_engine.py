@@ -131,10 +131,42 @@ def test_load_weights_from_a_perturbed_trainer_model(engine, hf_model, chat_toke
 def test_bad_inputs_fail_clearly(engine, prompts):
     with pytest.raises(ValueError, match=r"\[6\] are out of range for a model with 6 layers"):
         engine.set_skip((1, 6))
-    with pytest.raises(ValueError, match="after top-k/top-p truncation"):
-        engine.generate(prompts, SamplingSpec(max_new_tokens=4, top_k=5))
     with pytest.raises(RuntimeError, match="enable_sleep_mode=False"):
         engine.sleep()
+
+
+def processed_logprobs(model, prompts, completions, skip, spec):
+    """Teacher-forced log-probs of the processed distribution (the HF engine's processors applied
+    position by position, penalty over prompt + completion so far), under the skipped model."""
+    from nested_reft.engines.hf import sampling_processors
+
+    out = []
+    with skip_layers(model, skip), torch.no_grad():
+        for prompt, completion in zip(prompts, completions):
+            ids = torch.tensor([prompt + completion])
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            row = []
+            for t, tok in enumerate(completion):
+                scores = logits[t : t + 1].clone()
+                for proc in sampling_processors(spec):
+                    scores = proc(ids[:, : len(prompt) + t], scores)
+                row.append(float(torch.log_softmax(scores, -1)[0, tok]))
+            out.append(row)
+    return out
+
+
+def test_truncated_and_penalised_logprobs_are_those_of_the_distribution_that_sampled(engine, hf_model, prompts, chat_tokenizer):
+    """With repetition penalty, min-p, top-k and top-p on, vLLM's μ (processed log-probs) equals the
+    HF processors' truncated, renormalised distribution: both engines report the same μ."""
+    skip = (2, 3)
+    engine.set_skip(skip)
+    spec = SamplingSpec(max_new_tokens=16, temperature=0.8, top_k=20, top_p=0.9, min_p=0.02,
+                        repetition_penalty=1.3, seed=5)
+    r = engine.generate(prompts, spec)
+    expected = processed_logprobs(hf_model, prompts, r.completion_ids, skip, spec)
+    assert max_err(r.logprobs, expected) < TOL
+    untruncated = hf_logprobs(hf_model, prompts, r.completion_ids, skip, 0.8, chat_tokenizer.pad_token_id)
+    assert max_err(r.logprobs, untruncated) > 1e-2  # the processors really changed μ
 
 
 def test_architectures_without_a_skip_aware_class_are_named(tmp_path, small_model_dir):
