@@ -79,6 +79,27 @@ def load_math_dataset(
     return datasets.Dataset.from_list(rows)
 
 
+def holdout_split(ds: datasets.Dataset, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) from one table, deterministically: a row is held out when the hash of
+    its question text falls in the first `fraction` of the hash range. The same question (a
+    duplicate row) always lands on the same side, whatever the order, the seed or the machine."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction!r}")
+    import hashlib
+
+    def held_out(row) -> bool:
+        question = row["prompt"][-1]["content"].strip()
+        return int(hashlib.sha256(question.encode()).hexdigest()[:15], 16) < fraction * 16**15
+
+    flags = [held_out(r) for r in ds]
+    train = ds.select([i for i, f in enumerate(flags) if not f])
+    test = ds.select([i for i, f in enumerate(flags) if f])
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"holdout_fraction={fraction} of {len(ds)} rows leaves an empty train or held-out "
+                         "part: use a larger dataset, another fraction, or a separate eval file")
+    return train, test
+
+
 def synthetic_rows(split: str, system_prompt: str = SYSTEM_PROMPT, n: int | None = None, seed: int = 0) -> list[dict]:
     """Rows of the embedded synthetic arithmetic set (split 'train' or 'test').
 

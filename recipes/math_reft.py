@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from nested_reft.config import NestedReFTConfig
-from nested_reft.data import load_math_dataset
+from nested_reft.data import holdout_split, load_math_dataset
 from nested_reft.evaluation import evaluate_math
 from nested_reft.reporting import (
     HeldOutEvalCallback,
@@ -46,6 +46,8 @@ class MathReFTArguments:
     answer_field: str | None = field(default=None, metadata={"help": "Answer column for generic files."})
     train_split: str = field(default="train", metadata={"help": "Split used for training."})
     eval_split: str = field(default="test", metadata={"help": "Held-out split for the before/after accuracy."})
+    eval_path: str | None = field(default=None, metadata={"help": "A separate held-out file or folder. Without it, a single --dataset_path file is split by holdout_fraction."})
+    holdout_fraction: float = field(default=0.1, metadata={"help": "With one --dataset_path file and no --eval_path: the fraction of its questions held out (chosen by a hash of the question text, so duplicates stay on one side and the split is the same on every run)."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     eval_limit: int | None = field(default=300, metadata={"help": "Evaluate on at most this many held-out rows."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
@@ -64,10 +66,26 @@ def resolve_model(model_args: ModelConfig, script_args: MathReFTArguments) -> st
     return str(build_tiny_math_model(script_args.tiny_cache_dir, seed=script_args.tiny_seed))
 
 
-def load_data(a: MathReFTArguments, split: str, limit: int | None, seed: int):
-    return load_math_dataset(a.dataset_path or a.dataset_name, split, format=a.dataset_format,
+def load_data(a: MathReFTArguments, split: str, limit: int | None, seed: int, source: str | None = None):
+    return load_math_dataset(source or a.dataset_path or a.dataset_name, split, format=a.dataset_format,
                              question_field=a.question_field, answer_field=a.answer_field,
                              limit=limit, seed=seed)
+
+
+def load_train_and_heldout(a: MathReFTArguments, seed: int):
+    """Training rows and held-out rows that never overlap: a separate --eval_path, the dataset's
+    own splits, or, for a single file, a deterministic hash split of its questions."""
+    if a.eval_path:
+        return (load_data(a, a.train_split, a.train_limit, seed),
+                load_data(a, a.eval_split, a.eval_limit, seed, source=a.eval_path))
+    if a.dataset_path and Path(a.dataset_path).expanduser().is_file():
+        train, test = holdout_split(load_data(a, a.train_split, None, seed), a.holdout_fraction)
+        logger.info("%s is one file: %d rows for training, %d held out (holdout_fraction %.2f)",
+                    a.dataset_path, len(train), len(test), a.holdout_fraction)
+        cap = lambda ds, n: ds.select(range(min(n, len(ds)))) if n else ds  # noqa: E731
+        return cap(train, a.train_limit), cap(test, a.eval_limit)
+    return (load_data(a, a.train_split, a.train_limit, seed),
+            load_data(a, a.eval_split, a.eval_limit, seed))
 
 
 def main(argv=None) -> dict:
@@ -78,8 +96,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # Data first: a bad path or field fails before any model is loaded.
-    train = load_data(script_args, script_args.train_split, script_args.train_limit, training_args.seed)
-    test = load_data(script_args, script_args.eval_split, script_args.eval_limit, training_args.seed)
+    train, test = load_train_and_heldout(script_args, training_args.seed)
     model_path = resolve_model(model_args, script_args)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)

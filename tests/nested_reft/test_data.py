@@ -273,3 +273,25 @@ def test_bad_limit_and_synthetic_split():
         load_math_dataset("synthetic", limit=0)
     with pytest.raises(ValueError, match="'validation'"):
         load_math_dataset("synthetic", "validation")
+
+
+def test_one_file_is_split_so_that_no_held_out_question_is_trained_on(tmp_path):
+    from recipes.math_reft import MathReFTArguments, load_train_and_heldout
+
+    rows = [{"question": f"What is {i % 150} + 1?", "answer": f"#### {i % 150 + 1}"} for i in range(400)]  # duplicates
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
+    args = MathReFTArguments(dataset_path=str(path), holdout_fraction=0.2, eval_limit=None)
+    train, test = load_train_and_heldout(args, seed=0)
+    question = lambda r: r["prompt"][-1]["content"]  # noqa: E731
+    train_q, test_q = {question(r) for r in train}, {question(r) for r in test}
+    assert not train_q & test_q and len(train) + len(test) == 400
+    assert 0.1 < len(test_q) / 150 < 0.3
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    again = load_train_and_heldout(MathReFTArguments(dataset_path=str(shuffled), holdout_fraction=0.2,
+                                                     eval_limit=None), seed=5)[1]
+    assert {question(r) for r in again} == test_q  # same split whatever the order and the seed
+    separate = write_jsonl(tmp_path / "eval.jsonl", rows[:10])
+    train2, test2 = load_train_and_heldout(MathReFTArguments(dataset_path=str(path), eval_path=str(separate)), seed=0)
+    assert len(train2) == 400 and len(test2) == 10
+    with pytest.raises(ValueError, match="holdout_fraction must be in"):
+        load_train_and_heldout(MathReFTArguments(dataset_path=str(path), holdout_fraction=1.0), seed=0)
