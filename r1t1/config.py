@@ -19,8 +19,19 @@ class R1T1Config(NestedReFTConfig):
     `beta` (TRL's field) is the KL coefficient in both modes. kl_mode='loss' is TRL's k3 term in
     the loss (the authors' released code); kl_mode='reward' subtracts β · Σ_t (log π_θ − log π_ref)
     per sequence from the reward before group advantages (the paper's KL-constrained reward).
-    Set skip_ratio > 0 to sample rollouts from layer-skipped copies of the policy (Nested-ReFT).
+    Defaults are the authors' released settings (SPEC §2): β 0.001 with k3 in the loss,
+    temperature 0.8, 8 rollouts per prompt, lr 4e-7 (7B-class), responses up to 8000 tokens,
+    2 epochs, full-model rollouts. Set skip_ratio > 0 to sample rollouts from layer-skipped copies
+    of the policy (Nested-ReFT, an option here).
     """
+
+    beta: float = field(default=0.001, metadata={"help": "KL coefficient (the authors': 0.001), in the loss (k3) or in the reward (kl_mode)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the rollouts (the authors': 0.8)."})
+    num_generations: int | None = field(default=8, metadata={"help": "Rollouts per prompt (the authors': 8)."})
+    learning_rate: float = field(default=4e-7, metadata={"help": "The authors' learning rate for 7B-class models."})
+    max_completion_length: int | None = field(default=8000, metadata={"help": "Longest response in tokens (the authors': 8000)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the prompts (the authors': 2)."})
+    skip_ratio: float = field(default=0.0, metadata={"help": "Layer-skipped rollouts are an option for R1-T1 (Nested-ReFT); 0 samples with the full model, as the authors do."})
 
     kl_mode: str = field(default="loss", metadata={"help": f"Where the KL to the reference model goes: one of {KL_MODES}. 'loss': beta * k3 per token in the loss (TRL). 'reward': beta * sum_t(log pi_theta - log pi_ref) subtracted from each sequence's reward before advantages.", "choices": list(KL_MODES)})
     template_mode: str = field(default="fixed", metadata={"help": f"How each example's CoT template is chosen: one of {SELECTION_MODES} ('by_rule' needs a rule passed in code).", "choices": list(SELECTION_MODES)})

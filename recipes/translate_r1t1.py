@@ -67,6 +67,12 @@ def main(argv=None) -> dict:
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     a = training_args
+    # The reward is the paper's formula, format gate included; format_valid is logged only.
+    if a.reward_weights is not None and [float(w) for w in a.reward_weights] != [1.0, 0.0]:
+        raise ValueError(f"reward_weights={a.reward_weights!r}: the R1-T1 reward already contains the format term "
+                         "(0.2 * format + format * quality), so the logged format_valid column must keep weight 0; "
+                         "use reward_weights [1.0, 0.0] or leave it unset")
+    a.reward_weights = [1.0, 0.0]
 
     # Data and reward first: a bad path, template, language or COMET checkpoint fails before the model loads.
     selector = TemplateSelector(a.template_mode, a.template, a.templates, seed=a.seed)

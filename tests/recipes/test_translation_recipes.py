@@ -79,3 +79,17 @@ def test_grpo_recipe_names_a_missing_cold_start_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `python -m recipes.translate_sft"):
         translate_r1t1.main(["--model_name_or_path", "outputs/nowhere/final", "--output_dir", str(tmp_path),
                              "--toy_train_size", "8", "--eval_limit", "2", "--bf16", "false", "--report_to", "none"])
+
+
+def test_grpo_recipe_keeps_the_papers_reward_whatever_the_weights(tmp_path):
+    with pytest.raises(ValueError, match="already contains the format term"):
+        translate_r1t1.main(["--output_dir", str(tmp_path), "--reward_weights", "1.0", "1.0", "--toy_train_size", "8",
+                             "--eval_limit", "2", "--bf16", "false", "--report_to", "none"])
+
+
+def test_r1t1_config_defaults_are_the_authors():
+    from r1t1.config import R1T1Config
+
+    c = R1T1Config(output_dir="unused", report_to=[], use_cpu=True, bf16=False)
+    assert (c.beta, c.kl_mode, c.temperature, c.num_generations, c.learning_rate) == (0.001, "loss", 0.8, 8, 4e-7)
+    assert (c.max_completion_length, c.num_train_epochs, c.skip_ratio) == (8000, 2.0, 0.0)
