@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from nested_reft.config import NestedReFTConfig
@@ -32,6 +31,7 @@ from nested_reft.reporting import (
     read_jsonl,
 )
 from nested_reft.trainer import NestedReFTTrainer
+from recipes.run_folder import prepare_run_folder, run_record
 from rewards.math import accuracy_reward, format_reward
 
 logger = logging.getLogger("recipes.math_reft")
@@ -54,6 +54,7 @@ class MathReFTArguments:
     eval_every: int = field(default=0, metadata={"help": "Also evaluate held-out greedy accuracy every N steps (0: only before and after); logged as heldout/accuracy."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call in the held-out evaluation."})
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
+    fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build."})
 
 
@@ -92,12 +93,14 @@ def main(argv=None) -> dict:
     parser = TrlParser((MathReFTArguments, NestedReFTConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     # Data first: a bad path or field fails before any model is loaded.
     train, test = load_train_and_heldout(script_args, training_args.seed)
     model_path = resolve_model(model_args, script_args)
+    # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
+    record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
+                                                    "eval_path": script_args.eval_path})
+    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
+    training_args.output_dir = str(out)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype or "auto",
@@ -111,7 +114,6 @@ def main(argv=None) -> dict:
 
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    resume = get_last_checkpoint(str(out)) if out.exists() else None
     if resume and "before" in previous:
         before = previous["before"]  # the run is resumed: the untrained model was evaluated already
         logger.info("resuming from %s", resume)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
@@ -29,6 +28,7 @@ from r1t1.data import load_parallel
 from r1t1.templates import TemplateSelector
 from r1t1.toy import toy_rows
 from r1t1.trainer import R1T1Trainer
+from recipes.run_folder import prepare_run_folder, run_record
 from recipes.translation_common import (
     TranslationDataArguments,
     embedded_model,
@@ -86,11 +86,14 @@ def main(argv=None) -> dict:
     test = held_out_rows(script_args, selector)
     quality_reward = make_translation_reward(a.reward_metric, a.comet_model)
     model_path = model_args.model_name_or_path or embedded_model(script_args)
+    # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
+    record = run_record(model_path, training_args, {"train_path": getattr(script_args, "train_path", None)})
+    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
+    training_args.output_dir = str(out)
     model, tokenizer = load_model(model_path, model_args)
 
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    resume = get_last_checkpoint(str(out))
     if resume and "before" in previous:
         before = previous["before"]
         logger.info("resuming from %s", resume)

@@ -33,6 +33,7 @@ class TranslationDataArguments:
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "System message of every prompt ('' for none)."})
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build and of the Toylang data."})
+    fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads for this run (on a shared CPU, 1 avoids thread contention)."})
 
 

@@ -29,9 +29,19 @@ def test_recipe_trains_reports_and_resumes(small_model_dir, tmp_path):
     assert [r["step"] for r in rows if "heldout/accuracy" in r] == [1]
     assert (out / "training.png").stat().st_size > 10_000
     assert (out / "final" / "config.json").exists()
+    # another run (other lr) into the same folder: refused, naming the setting, or moved to out-1
+    with pytest.raises(ValueError, match="learning_rate: 0.0001 -> 0.0002"):
+        main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(out), "--max_steps", "3",
+              "--learning_rate", "2e-4"])
+    # an interrupted run logged a step after its last checkpoint: the resumed run logs it once
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "correction/ess": 0.5}) + "\n")
     # interrupted runs resume from their last checkpoint: ask for one more step
     again = main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(out), "--max_steps", "3"])
     assert again["steps"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "correction/ess" in r]
+    assert steps == [1, 2, 3] and [r for r in rows if r["step"] == 3][0]["correction/ess"] != 0.5
     assert again["before"] == summary["before"]  # not re-evaluated on resume
     # the skip policy resumed too: the first two draws are those of the first run, then one more
     assert len(again["skip_history"]) == 3 and again["skip_history"][:2] == summary["skip_history"]
@@ -48,3 +58,23 @@ def test_bad_values_fail_before_any_model_loads(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         main([*ARGS, "--output_dir", str(tmp_path), "--dataset_path", str(tmp_path / "nope.jsonl"),
               "--model_name_or_path", "/nonexistent"])
+
+
+def test_run_folder_refuses_another_runs_checkpoints_or_moves_on(tmp_path):
+    from recipes.run_folder import prepare_run_folder
+
+    out = tmp_path / "run"
+    record = {"model": "a", "settings": {"learning_rate": 1e-4, "seed": 0}}
+    folder, resume = prepare_run_folder(out, record)
+    assert folder == out and resume is None
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (3, 4, 5, 6)))
+    folder, resume = prepare_run_folder(out, record)  # the same run: resume, drop rows after step 4
+    assert resume.endswith("checkpoint-4")
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+    other = {"model": "b", "settings": {"learning_rate": 1e-4, "seed": 1}}
+    with pytest.raises(ValueError, match=r"model: 'a' -> 'b'; seed: 0 -> 1"):
+        prepare_run_folder(out, other)
+    folder, resume = prepare_run_folder(out, other, fresh_run=True)
+    assert folder == tmp_path / "run-1" and resume is None and (folder / "run.json").exists()
