@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from nested_reft.config import NestedReFTConfig
@@ -31,6 +29,7 @@ from nested_reft.reporting import (
     read_jsonl,
 )
 from nested_reft.trainer import NestedReFTTrainer
+from recipes.model_loading import load_model_and_tokenizer
 from recipes.run_folder import prepare_run_folder, run_record
 from rewards.math import accuracy_reward, format_reward
 
@@ -101,10 +100,8 @@ def main(argv=None) -> dict:
                                                     "eval_path": script_args.eval_path})
     out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
     training_args.output_dir = str(out)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype or "auto",
-                                                 attn_implementation=model_args.attn_implementation)
+    model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,
+                                                use_peft=model_args.use_peft)
 
     def held_out(label, model=model):
         r = evaluate_math(model, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,

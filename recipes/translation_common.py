@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nested_reft.reporting import plot_training
 from r1t1.data import load_flores, load_parallel
@@ -67,15 +66,13 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector) -> li
 
 
 def load_model(model_path: str, model_args):
+    from recipes.model_loading import load_model_and_tokenizer
+
     looks_local = model_path.startswith((".", "/", "~", "outputs/")) or Path(model_path.split("/")[0]).is_dir()
     if looks_local and not Path(model_path).expanduser().exists():
         raise FileNotFoundError(f"model {model_path!r} does not exist (for the R1-T1 default, run "
                                 "`python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml` first)")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=model_args.model_revision, dtype=dtype or "auto",
-                                                 attn_implementation=model_args.attn_implementation)
-    return model, tokenizer
+    return load_model_and_tokenizer(model_path, model_args, use_peft=model_args.use_peft)
 
 
 def embedded_model(a: TranslationDataArguments) -> str:

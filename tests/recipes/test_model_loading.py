@@ -1,0 +1,31 @@
+"""Device, dtype and the fits-in-memory check of the recipes' model loading."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from recipes.model_loading import check_fits, count_parameters, load_model_and_tokenizer, pick_device_and_dtype
+
+
+def test_dtype_defaults_to_float32_on_cpu_and_follows_an_explicit_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device_and_dtype(SimpleNamespace(dtype="auto")) == (torch.device("cpu"), torch.float32)
+    assert pick_device_and_dtype(SimpleNamespace(dtype="bfloat16"))[1] == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device_and_dtype(SimpleNamespace(dtype=None)) == (torch.device("cuda"), torch.bfloat16)
+    assert pick_device_and_dtype(SimpleNamespace(dtype=None), use_cpu=True)[0] == torch.device("cpu")
+
+
+def test_a_model_that_cannot_fit_names_its_size_and_the_options():
+    seven_b = 7_615_616_512  # Qwen2.5-7B
+    with pytest.raises(ValueError, match=r"7\.62B parameters.*85\.1 GiB.*80\.0 GiB free.*use_peft"):
+        check_fits(seven_b, torch.bfloat16, 80 * 2**30, use_peft=False)
+    check_fits(seven_b, torch.bfloat16, 80 * 2**30, use_peft=True)  # LoRA: 14.2 GiB of weights fit
+
+
+def test_loads_on_cpu_in_float32_and_counts_parameters_without_weights(small_model_dir):
+    args = SimpleNamespace(dtype="auto", model_revision=None, attn_implementation=None)
+    model, tokenizer = load_model_and_tokenizer(small_model_dir, args, use_cpu=True)
+    assert next(model.parameters()).dtype == torch.float32 and tokenizer.pad_token_id is not None
+    assert count_parameters(small_model_dir) == sum(p.numel() for p in model.parameters())
