@@ -21,6 +21,8 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from vllm.exceptions import VLLMClientError  # vLLM's "the request is bad" errors answer 400
+
 logger = logging.getLogger("nested_reft.serve")
 
 
@@ -75,7 +77,7 @@ def make_handler(state: dict, lock: threading.Lock):
             try:
                 with lock:
                     out = self._post()
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, VLLMClientError) as e:  # the request's fault
                 return self._reply(400, {"error": f"{type(e).__name__}: {e}"})
             except Exception as e:  # noqa: BLE001 - report, keep serving
                 logger.exception("request %s failed", self.path)

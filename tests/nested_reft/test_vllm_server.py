@@ -78,8 +78,10 @@ def test_server_matches_hf_and_updates_weights(server, _small_qwen2, chat_tokeni
     assert client.last_sync_seconds > 0
     check(model, (1,))
     check(model, ())
-    with pytest.raises(ValueError, match="after top-k/top-p truncation"):  # the server's 400, as one error
-        client.generate(prompts, SamplingSpec(max_new_tokens=4, top_p=0.9))
+    truncated = client.generate(prompts, SamplingSpec(max_new_tokens=4, top_p=0.9, seed=1))
+    assert all(lp <= 0 for row in truncated.logprobs for lp in row)  # μ of the truncated sampler, scored
+    with pytest.raises(ValueError, match="out of vocabulary|out of range|vocab"):  # the server's 400, as one error
+        client.generate([[10**7]], SamplingSpec(max_new_tokens=4))
     with pytest.raises(ValueError, match=r"\[9\] are out of range"):
         client.set_skip((9,))
     assert proc.poll() is None  # still serving
