@@ -21,8 +21,6 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from vllm.exceptions import VLLMClientError  # vLLM's "the request is bad" errors answer 400
-
 logger = logging.getLogger("nested_reft.serve")
 
 
@@ -77,9 +75,9 @@ def make_handler(state: dict, lock: threading.Lock):
             try:
                 with lock:
                     out = self._post()
-            except (ValueError, KeyError, TypeError, VLLMClientError) as e:  # the request's fault
-                return self._reply(400, {"error": f"{type(e).__name__}: {e}"})
             except Exception as e:  # noqa: BLE001 - report, keep serving
+                if _request_fault(e):
+                    return self._reply(400, {"error": f"{type(e).__name__}: {e}"})
                 logger.exception("request %s failed", self.path)
                 return self._reply(500, {"error": f"{type(e).__name__}: {e}"})
             if out is None:
@@ -106,6 +104,13 @@ def make_handler(state: dict, lock: threading.Lock):
             return None
 
     return Handler
+
+
+def _request_fault(error: Exception) -> bool:
+    """A bad request (400), not a server failure: our validation errors and vLLM's client errors
+    (`vllm.exceptions.VLLMClientError`, matched by name so this module imports without vLLM)."""
+    return isinstance(error, (ValueError, KeyError, TypeError)) or any(
+        c.__name__ == "VLLMClientError" for c in type(error).__mro__)
 
 
 def main(argv=None) -> None:
