@@ -36,7 +36,9 @@ def generate_hf(model_path: str, prompts: list, temperature: float, max_new_toke
                 seed: int) -> list[str]:
     from nested_reft.evaluation import generate_completions
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+    # On the GPU when there is one (a 7B reasoner generating long CoTs on CPU would take days).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     texts, _ = generate_completions(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, seed=seed, progress=True, desc="generating")

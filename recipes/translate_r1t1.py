@@ -83,14 +83,14 @@ def main(argv=None) -> dict:
         rows = toy_rows("train", script_args.train_limit or script_args.toy_train_size, seed=script_args.tiny_seed + 1,
                         selector=selector, system_prompt=script_args.system_prompt or None)
     train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows])
-    test = held_out_rows(script_args, selector)
+    test = held_out_rows(script_args, selector, corpus=script_args.train_path)
     quality_reward = make_translation_reward(a.reward_metric, a.comet_model)
     model_path = model_args.model_name_or_path or embedded_model(script_args)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
-    record = run_record(model_path, training_args, {"train_path": getattr(script_args, "train_path", None)})
+    record = run_record(model_path, training_args, {"train_path": script_args.train_path})
     out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
     training_args.output_dir = str(out)
-    model, tokenizer = load_model(model_path, model_args)
+    model, tokenizer = load_model(model_path, model_args, use_cpu=a.use_cpu)
 
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}

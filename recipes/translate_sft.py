@@ -80,13 +80,13 @@ def main(argv=None) -> dict:
     # Data first: a bad path, template or language fails before any model is loaded.
     selector = TemplateSelector(script_args.template_mode, script_args.template, script_args.templates, seed=training_args.seed)
     train = datasets.Dataset.from_list(sft_rows(script_args, selector, training_args.seed))
-    test = held_out_rows(script_args, selector)
+    test = held_out_rows(script_args, selector, corpus=script_args.cot_path)
     model_path = model_args.model_name_or_path or embedded_model(script_args)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
-    record = run_record(model_path, training_args, {"train_path": getattr(script_args, "train_path", None)})
+    record = run_record(model_path, training_args, {"cot_path": script_args.cot_path})
     out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
     training_args.output_dir = str(out)
-    model, tokenizer = load_model(model_path, model_args)
+    model, tokenizer = load_model(model_path, model_args, use_cpu=training_args.use_cpu)
 
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}

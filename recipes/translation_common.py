@@ -53,7 +53,13 @@ def prompt_rows(rows: list[dict], selector: TemplateSelector, system_prompt: str
     return out
 
 
-def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector) -> list[dict]:
+def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpus: str | None = None) -> list[dict]:
+    """The held-out rows: a Flores folder, a parallel file, or (toy runs only) the Toylang test split.
+    `corpus` is the real training file, if any: it needs a real held-out set."""
+    if corpus and not (a.eval_flores_dir or a.eval_path):
+        raise ValueError(f"training on {corpus!r} needs a held-out set: pass --eval_flores_dir DIR --eval_direction "
+                         "SRC-TGT (e.g. de-en) or --eval_path FILE; without them the held-out set would be the "
+                         "Toylang test split of the toy runs")
     if a.eval_flores_dir:
         if not a.eval_direction:
             raise ValueError("eval_flores_dir needs eval_direction, e.g. 'de-en'")
@@ -65,14 +71,14 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector) -> li
     return prompt_rows(rows, selector, a.system_prompt)
 
 
-def load_model(model_path: str, model_args):
+def load_model(model_path: str, model_args, use_cpu: bool = False):
     from recipes.model_loading import load_model_and_tokenizer
 
     looks_local = model_path.startswith((".", "/", "~", "outputs/")) or Path(model_path.split("/")[0]).is_dir()
     if looks_local and not Path(model_path).expanduser().exists():
         raise FileNotFoundError(f"model {model_path!r} does not exist (for the R1-T1 default, run "
                                 "`python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml` first)")
-    return load_model_and_tokenizer(model_path, model_args, use_peft=model_args.use_peft)
+    return load_model_and_tokenizer(model_path, model_args, use_cpu=use_cpu, use_peft=model_args.use_peft)
 
 
 def embedded_model(a: TranslationDataArguments) -> str:

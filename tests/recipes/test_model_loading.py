@@ -5,7 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from recipes.model_loading import check_fits, count_parameters, load_model_and_tokenizer, pick_device_and_dtype
+from recipes.model_loading import (
+    check_fits,
+    count_parameters,
+    load_model_and_tokenizer,
+    pick_device_and_dtype,
+    sharding_from_env,
+)
 
 
 def test_dtype_defaults_to_float32_on_cpu_and_follows_an_explicit_choice(monkeypatch):
@@ -22,6 +28,29 @@ def test_a_model_that_cannot_fit_names_its_size_and_the_options():
     with pytest.raises(ValueError, match=r"7\.62B parameters.*85\.1 GiB.*80\.0 GiB free.*use_peft"):
         check_fits(seven_b, torch.bfloat16, 80 * 2**30, use_peft=False)
     check_fits(seven_b, torch.bfloat16, 80 * 2**30, use_peft=True)  # LoRA: 14.2 GiB of weights fit
+
+
+def test_zero_and_fsdp_sharding_shrink_the_per_gpu_need(monkeypatch):
+    seven_b = 7_615_616_512
+    # ZeRO-2 over 8 GPUs: bf16 weights whole (14.2 GiB) + gradients and moments / 8 (8.9 GiB): 23.1 GiB
+    check_fits(seven_b, torch.bfloat16, 24 * 2**30, use_peft=False, processes=8, zero_stage=2)
+    with pytest.raises(ValueError, match=r"23\.1 GiB per GPU with ZeRO-2 over 8 processes"):
+        check_fits(seven_b, torch.bfloat16, 22 * 2**30, use_peft=False, processes=8, zero_stage=2)
+    check_fits(seven_b, torch.bfloat16, 11 * 2**30, use_peft=False, processes=8, zero_stage=3)  # 10.6 GiB
+    for var in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP",
+                "FSDP_SHARDING_STRATEGY"):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding_from_env() == (1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert sharding_from_env() == (8, 0)  # plain DDP replicates everything
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert sharding_from_env() == (8, 2)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharding_from_env() == (8, 3)
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    assert sharding_from_env() == (8, 2)
 
 
 def test_loads_on_cpu_in_float32_and_counts_parameters_without_weights(small_model_dir):

@@ -93,3 +93,35 @@ def test_r1t1_config_defaults_are_the_authors():
     c = R1T1Config(output_dir="unused", report_to=[], use_cpu=True, bf16=False)
     assert (c.beta, c.kl_mode, c.temperature, c.num_generations, c.learning_rate) == (0.001, "loss", 0.8, 8, 4e-7)
     assert (c.max_completion_length, c.num_train_epochs, c.skip_ratio) == (8000, 2.0, 0.0)
+
+
+def test_a_real_corpus_needs_a_real_held_out_set(tmp_path):
+    cot = tmp_path / "cot.jsonl"
+    cot.write_text(json.dumps({"src": "die Katze", "tgt": "the cat", "src_lang": "de", "tgt_lang": "en",
+                               "template": "hierarchical", "cot": "Katze = cat"}) + "\n")
+    with pytest.raises(ValueError, match="needs a held-out set: pass --eval_flores_dir"):
+        translate_sft.main(["--output_dir", str(tmp_path / "out"), "--cot_path", str(cot), "--bf16", "false",
+                            "--report_to", "none", "--model_name_or_path", "/nonexistent"])
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("die Katze\tthe cat\n")
+    with pytest.raises(ValueError, match="needs a held-out set"):
+        translate_r1t1.main(["--output_dir", str(tmp_path / "out"), "--train_path", str(tsv), "--src_lang", "de",
+                             "--tgt_lang", "en", "--bf16", "false", "--report_to", "none",
+                             "--model_name_or_path", "/nonexistent"])
+
+
+def test_translation_recipes_pass_use_cpu_to_model_loading(tmp_path, monkeypatch):
+    import recipes.model_loading
+
+    seen = {}
+
+    def fake_load(model_path, model_args, use_cpu=False, use_peft=False):
+        seen["use_cpu"] = use_cpu
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(recipes.model_loading, "load_model_and_tokenizer", fake_load)
+    with pytest.raises(RuntimeError, match="stop after loading"):
+        translate_sft.main(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path),
+                            "--toy_train_size", "4", "--eval_limit", "2", "--use_cpu", "true", "--bf16", "false",
+                            "--report_to", "none"])
+    assert seen == {"use_cpu": True}
