@@ -6,16 +6,23 @@ and cached with `save_pretrained`, so the default recipes run anywhere with no d
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
+import platform
 import random
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
@@ -26,7 +33,14 @@ from .tokenizer import render_chat, train_chat_tokenizer
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so stale caches are rebuilt instead of silently reused.
-TINY_MATH_VERSION = 2
+TINY_MATH_VERSION = 3
+
+# The build's float math is pinned so that a recipe and seed give the same weights on any machine
+# (docs/tiny_model.md, "Same weights on every machine"). Torch and MKL split reductions and GEMMs
+# by thread count (3, 5 or 6 threads gave other weights than 1, 2, 4, 8 or 16), so training runs
+# on a fixed number of intra-op threads. AVX-512 kernels round differently from AVX2 ones, so on
+# x86 ATen and MKL are held to AVX2; both are read when torch loads, hence a child process.
+BUILD_THREADS = 2
 
 
 @dataclass
@@ -194,6 +208,28 @@ def supervise(model, tokenizer, recipe: TinyMathRecipe, seed: int, progress: boo
             "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
+def pinned_environment() -> dict[str, str]:
+    """The environment the build's process needs: on x86 with AVX2, AVX2 kernels in ATen and MKL.
+
+    MKL_CBWR=AVX2 is MKL's own switch for identical results on Intel and compatible CPUs. Other
+    CPUs (ARM) have no such pin: their builds are deterministic there but differ from x86 ones.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
+        return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+    return {}
+
+
+@contextmanager
+def fixed_threads(n: int):
+    """Run with n intra-op threads (the float sums then split the same way), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def build_tiny_math_model(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -204,34 +240,79 @@ def build_tiny_math_model(
     """Path to a saved tiny Qwen2 math model + tokenizer, building it on first use.
 
     The folder loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
-    like any Hub checkpoint. Deterministic for (recipe, seed); reused from `cache_dir`
-    (default `~/.cache/nested_reft`, or `$REFT_CACHE`) on later calls.
+    like any Hub checkpoint. Deterministic for (recipe, seed), whatever the thread count or the x86
+    CPU; reused from `cache_dir` (default `~/.cache/nested_reft`, or `$REFT_CACHE`) on later calls.
     """
     recipe = recipe or TinyMathRecipe()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = root / f"tiny-math-{_cache_key(recipe, seed)}"
     if (out / "build_info.json").exists() and not rebuild:
         return out
+    pins = pinned_environment()
+    if any(os.environ.get(k) != v for k, v in pins.items()):
+        _build_in_child(root, seed, recipe, progress, pins)
+    else:
+        _build(out, seed, recipe, progress)
+    return out
+
+
+def _build_in_child(root: Path, seed: int, recipe: TinyMathRecipe, progress: bool, pins: dict):
+    """Run the build in a fresh interpreter whose torch loads with `pins` set."""
+    package_root = str(Path(__file__).resolve().parents[2])  # so the child imports this very code
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "archs.tiny.build", "--cache_dir", str(root), "--seed", str(seed),
+           "--recipe", json.dumps(asdict(recipe)), "--rebuild"] + ([] if progress else ["--quiet"])
+    logger.info("building the tiny math model in a child process with %s", pins)
+    done = subprocess.run(cmd, env={**os.environ, **pins, "PYTHONPATH": path})
+    if done.returncode != 0:
+        raise RuntimeError(f"the tiny math model's build failed (exit code {done.returncode}): {cmd}")
+
+
+def _build(out: Path, seed: int, recipe: TinyMathRecipe, progress: bool) -> None:
     torch.manual_seed(seed)
     start = time.perf_counter()
-    tokenizer = build_tokenizer(recipe, seed)
-    model = build_model(recipe, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("building tiny math model (%.2fM parameters) into %s", n_params / 1e6, out)
-    stats = supervise(model, tokenizer, recipe, seed, progress=progress)
+    with fixed_threads(BUILD_THREADS):
+        tokenizer = build_tokenizer(recipe, seed)
+        model = build_model(recipe, tokenizer)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("building tiny math model (%.2fM parameters, %d threads, %s kernels) into %s",
+                    n_params / 1e6, BUILD_THREADS, torch.backends.cpu.get_cpu_capability(), out)
+        stats = supervise(model, tokenizer, recipe, seed, progress=progress)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"seed": seed, "version": TINY_MATH_VERSION, "parameters": n_params,
-            "build_seconds": time.perf_counter() - start, "recipe": asdict(recipe), **stats}
+            "build_seconds": time.perf_counter() - start, "recipe": asdict(recipe), **stats,
+            # what the weights depend on beyond the recipe, to compare builds across machines
+            "threads": BUILD_THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
     if out.exists():  # a stale or partial folder from an interrupted build
         import shutil
 
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: a crash mid-build never leaves a folder that looks complete
-    return out
 
 
 def load_tiny_math_model(path: str | os.PathLike):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def main(argv=None) -> None:
+    """The child process of `build_tiny_math_model` (or a build from the command line)."""
+    parser = argparse.ArgumentParser(description="Build the embedded tiny math model.")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="{}", help="TinyMathRecipe fields as JSON")
+    parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.recipe).items()}
+    print(build_tiny_math_model(args.cache_dir, args.seed, TinyMathRecipe(**fields),
+                                progress=not args.quiet, rebuild=args.rebuild))
+
+
+if __name__ == "__main__":
+    main()

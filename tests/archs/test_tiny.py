@@ -1,8 +1,13 @@
 """The embedded tiny model: synthetic task, tokenizer, build and cache."""
 
 import json
+import os
+import platform
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from archs.tiny import (
     generate_problems,
     load_tiny_math_model,
 )
+from archs.tiny.build import BUILD_THREADS, pinned_environment
 from archs.tiny.math_task import (
     LEVELS,
     make_problem,
@@ -101,3 +107,49 @@ def test_build_is_cached_and_deterministic(small_build, tmp_path):
         assert torch.equal(x, y), name
     other = build_tiny_math_model(tmp_path, seed=1, recipe=SMALL, progress=False)
     assert other != again
+
+
+X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported()
+
+
+def test_build_runs_on_pinned_kernels(small_build):
+    _, path = small_build
+    info = json.loads((path / "build_info.json").read_text())
+    assert info["threads"] == BUILD_THREADS and info["version"] >= 3
+    if X86_AVX2:  # the child process ran on AVX2 kernels, even on an AVX-512 machine
+        assert info["cpu_capability"] == "AVX2" and info["mkl_cbwr"] == "AVX2"
+
+
+# Builds in a fresh process on a given number of torch threads.
+BUILD_ON_THREADS = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from archs.tiny.build import TinyMathRecipe, build_tiny_math_model
+build_tiny_math_model(sys.argv[2], recipe=TinyMathRecipe(**json.loads(sys.argv[3])), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_build_is_bit_identical_whatever_the_thread_count_and_kernels(tmp_path):
+    # Measured without the pins: 3 threads split torch's and MKL's float sums differently from 1,
+    # and scalar or AVX-512 kernels round differently from AVX2 ones: other weights after a few steps.
+    recipe = {"train_problems": 500, "steps": 8, "batch_size": 8, "vocab_size": 400, "warmup_steps": 2}
+    repo = Path(__file__).resolve().parents[2]
+    pinned = {**os.environ, **pinned_environment(), "PYTHONPATH": str(repo)}
+    runs = {  # the first two build in that process, on its threads; the third in a pinned child
+        "1 thread": {**pinned, "RAYON_NUM_THREADS": "1", "threads": "1"},
+        "3 threads": {**pinned, "RAYON_NUM_THREADS": "3", "threads": "3"},
+    }
+    if X86_AVX2:
+        runs["scalar kernels"] = {**os.environ, "PYTHONPATH": str(repo), "ATEN_CPU_CAPABILITY": "default",
+                                  "MKL_CBWR": "COMPATIBLE", "threads": "2"}
+    folders = {}
+    for name, env in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        subprocess.run([sys.executable, "-c", BUILD_ON_THREADS, env.pop("threads"), str(out),
+                        json.dumps(recipe)], env=env, cwd=repo, check=True, timeout=120)
+        (folders[name],) = out.glob("tiny-math-*")
+    first = folders.pop("1 thread")
+    for name, folder in folders.items():
+        for file in ("tokenizer.json", "model.safetensors"):
+            assert (folder / file).read_bytes() == (first / file).read_bytes(), (name, file)
