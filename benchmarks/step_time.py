@@ -79,6 +79,9 @@ def summarise(step_ends: list[float], t0: float, logs: list[dict], steps_per_rou
         "mean_completion_length": statistics.mean(r.get("completions/mean_length", float("nan")) for r in rounds) if rounds else float("nan"),
         "max_length_ratio": statistics.mean(r.get("completions/clipped_ratio", float("nan")) for r in rounds) if rounds else float("nan"),
         "step_seconds": timed,
+        # per decode step of the batch and per padded completion token: the costs with the length factored out
+        "generate_ms_per_decode_step": statistics.median(1000 * r["rollout/generate_seconds"] / r["completions/max_length"]
+                                                          for r in rounds) if rounds and all("completions/max_length" in r for r in rounds) else float("nan"),
         # HF generate decodes the whole batch until its longest completion ends, and TRL pads every
         # training tensor of the round to that length: the longest completion sets both costs
         "rounds": [{"skipped_layers": r.get("rollout/skipped_layers"), "max_length": r.get("completions/max_length"),
@@ -138,7 +141,7 @@ def run_one(name: str, args, model_path: str) -> dict:
 def aggregate(runs: list[dict], configs: list[str]) -> list[dict]:
     """Per config: the median over passes of each timing, and of its s/step over the first config's in
     the same pass."""
-    keys = ("seconds_per_step", "cpu_seconds_per_step", "generate_seconds_per_step", "correction_seconds_per_step", "generation_step_seconds",
+    keys = ("seconds_per_step", "cpu_seconds_per_step", "generate_seconds_per_step", "generate_ms_per_decode_step", "correction_seconds_per_step", "generation_step_seconds",
             "other_step_seconds", "behavior_tokens_per_s", "tokens_per_round", "mean_completion_length", "max_length_ratio")
     rows = []
     for c in configs:
@@ -165,15 +168,17 @@ def _each_pass(row: dict, key: str) -> str:
 
 def table(rows: list[dict]) -> str:
     first = rows[0]["config"]
-    lines = [f"| config | k drawn | s/step (each pass) | × {first}, same pass | CPU s/step | CPU × {first}, same pass | generate s/step | π_old/μ scoring s/step | round's first step s "
+    lines = [f"| config | k drawn | s/step (each pass) | × {first}, same pass | CPU s/step | CPU × {first}, same pass "
+             "| generate s/step | generate ms per decode step | π_old/μ scoring s/step | round's first step s "
              "| other steps s | behavior tok/s | tokens per round | mean completion length | at max length |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ks = ",".join(str(k) for k in sorted({int(k) for k in r["skipped_layers"] if k is not None}))
         lines.append(f"| {r['config']} | {ks} | {r['seconds_per_step']:.2f}{_each_pass(r, 'seconds_per_step_each')} | "
                      f"{r['ratio_to_first']:.2f}{_each_pass(r, 'ratio_to_first_each_pass')} | {r['cpu_seconds_per_step']:.2f} | "
                      f"{r['cpu_ratio_to_first']:.2f}{_each_pass(r, 'cpu_ratio_to_first_each_pass')} | "
-                     f"{r['generate_seconds_per_step']:.2f} | {r['correction_seconds_per_step']:.2f} | "
+                     f"{r['generate_seconds_per_step']:.2f} | {r['generate_ms_per_decode_step']:.1f} | "
+                     f"{r['correction_seconds_per_step']:.2f} | "
                      f"{r['generation_step_seconds']:.2f} | {r['other_step_seconds']:.2f} | {r['behavior_tokens_per_s']:.0f} | "
                      f"{r['tokens_per_round']:.0f} | {r['mean_completion_length']:.1f} | {r['max_length_ratio']:.0%} |")
     return "\n".join(lines)
@@ -181,13 +186,16 @@ def table(rows: list[dict]) -> str:
 
 def rounds_table(runs: list[dict]) -> str:
     """Per timed round of the first pass: longest and mean completion, and what it cost."""
-    lines = ["| config | round | k | longest completion | mean completion | generate s | round's first step s | other steps s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | round | k | longest completion | mean completion | generate s | generate ms per decode step "
+             "| round's first step s | other steps s | other steps ms per padded token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     first_pass = min(r["pass"] for r in runs)
     for r in (r for r in runs if r["pass"] == first_pass):
         for i, x in enumerate(r.get("rounds", []), start=1):
             lines.append(f"| {r['config']} | {i} | {int(x['skipped_layers'] or 0)} | {x['max_length']:.0f} | {x['mean_length']:.1f} | "
-                         f"{x['generate_seconds']:.2f} | {x['first_step_seconds']:.2f} | {x['other_steps_seconds']:.2f} |")
+                         f"{x['generate_seconds']:.2f} | {1000 * x['generate_seconds'] / x['max_length']:.1f} | "
+                         f"{x['first_step_seconds']:.2f} | {x['other_steps_seconds']:.2f} | "
+                         f"{1000 * x['other_steps_seconds'] / x['max_length']:.1f} |")
     return "\n".join(lines)
 
 

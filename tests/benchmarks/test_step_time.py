@@ -43,7 +43,8 @@ def test_summarise_times_only_after_warmup():
     assert s["skipped_layers"] == [1.0] and s["max_length_ratio"] == 0.25
     assert s["rounds"] == [{"skipped_layers": 1.0, "max_length": 96, "mean_length": 40.0, "generate_seconds": 2.0,
                             "first_step_seconds": 3.0, "other_steps_seconds": 1.0}]
-    assert "| skip0 | 1 | 1 | 96 | 40.0 | 2.00 | 3.00 | 1.00 |" in step_time.rounds_table([{"pass": 0, "config": "skip0", **s}])
+    assert s["generate_ms_per_decode_step"] == pytest.approx(1000 * 2.0 / 96)
+    assert "| skip0 | 1 | 1 | 96 | 40.0 | 2.00 | 20.8 | 3.00 | 1.00 | 10.4 |" in step_time.rounds_table([{"pass": 0, "config": "skip0", **s}])
     with pytest.raises(ValueError, match="warm-up"):
         step_time.summarise(ends[:2], 0.0, logs, steps_per_round=2, warmup_rounds=1)
 
@@ -62,7 +63,7 @@ def test_aggregate_and_table():
     assert rows[1]["cpu_ratio_to_first_each_pass"] == [0.5, 1.0]
     md = step_time.table(rows).splitlines()
     assert md[0].startswith("| config | k drawn | s/step (each pass) | × skip0, same pass | CPU s/step |")
-    assert md[3].startswith("| skip0.125 | 1 | 2.00 (1.00, 3.00) | 0.62 (0.50, 0.75) | 0.75 | 0.75 (0.50, 1.00) | 1.00 | 0.20 | "
+    assert md[3].startswith("| skip0.125 | 1 | 2.00 (1.00, 3.00) | 0.62 (0.50, 0.75) | 0.75 | 0.75 (0.50, 1.00) | 1.00 | 20.8 | 0.20 | "
                             "3.00 | 1.00 | 500 | 1000 | 40.0 | 25% |")
     with pytest.raises(ValueError, match="no run"):
         step_time.aggregate(runs, ["skip0.25"])
