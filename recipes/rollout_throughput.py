@@ -100,6 +100,12 @@ def materialise_model(args, workdir: Path) -> tuple[str, str]:
     return str(folder), f"{args.random_init_config}-shaped, random init, {shape['num_hidden_layers']} layers"
 
 
+def random_prompts(seed: int, n: int, length: int, vocab: int) -> list[list[int]]:
+    """n prompts of `length` random token ids (ids 10..399: ordinary tokens of the tiny vocabulary)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(10, min(vocab, 400)) for _ in range(length)] for _ in range(n)]
+
+
 def timed(generate, prompts, sampling, warmup: int, repeats: int) -> tuple[float, int]:
     for _ in range(warmup):
         generate(prompts, sampling)
@@ -132,13 +138,12 @@ def main(argv=None) -> dict:
 
     num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
     vocab = AutoConfig.from_pretrained(path).vocab_size
-    rng = random.Random(args.seed)
     skips = {}
     for r in args.skip_ratios:
         policy = LayerSkipPolicy(num_layers, skip_ratio=r, keep_first=args.keep_first, keep_last=args.keep_last, seed=args.seed)
         skips[r] = policy.draw()
     max_bs = max(args.batch_sizes)
-    all_prompts = [[rng.randrange(10, min(vocab, 400)) for _ in range(args.prompt_len)] for _ in range(max_bs)]
+    all_prompts = random_prompts(args.seed, max_bs, args.prompt_len, vocab)
     sampling = SamplingSpec(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
     rows = []
 
@@ -189,30 +194,47 @@ def main(argv=None) -> dict:
     return summary
 
 
+class StockVLLM:
+    """vLLM's own model class for the architecture (no skip support), started with the settings
+    `VLLMEngine` uses (in-process, eager, no prefix cache, processed log-probs), so that the two
+    differ only in the model class. `generate` returns `Rollouts` like the engines."""
+
+    def __init__(self, path: str, *, dtype: str, seed: int, max_model_len: int, max_num_seqs: int, cpu_kvcache_gib: int):
+        from vllm import LLM
+
+        from nested_reft.engines.vllm_engine import _environ
+
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_gib)}
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # as VLLMEngine does in-process: no core pinning
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        with _environ(env):
+            from vllm import envs
+
+            envs.disable_envs_cache()
+            self.llm = LLM(model=path, dtype=dtype, enforce_eager=True, seed=seed, enable_prefix_caching=False,
+                           logprobs_mode="processed_logprobs", max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+
+    def generate(self, prompts, sampling, *, ignore_eos: bool = True):
+        from vllm.inputs import TokensPrompt
+
+        from nested_reft.engines.vllm_engine import rollouts_from_outputs, vllm_sampling_params
+
+        params = vllm_sampling_params(sampling, len(prompts), eos_ids=None, logprobs=True, ignore_eos=ignore_eos)
+        start = time.perf_counter()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in prompts], params, use_tqdm=False)
+        return rollouts_from_outputs(outs, True, (), time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
 def stock_vllm_rows(args, path, prompts, sampling, num_layers, rows):
     """vLLM's own model class (no skip support), k = 0, same settings."""
-    from vllm import LLM
-    from vllm.inputs import TokensPrompt
-
-    from nested_reft.engines.vllm_engine import (
-        _environ,
-        rollouts_from_outputs,
-        vllm_sampling_params,
-    )
-
-    with _environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(args.cpu_kvcache_gib)}):
-        from vllm import envs
-
-        envs.disable_envs_cache()
-        llm = LLM(model=path, dtype=args.dtype, enforce_eager=True, seed=args.seed, enable_prefix_caching=False,
-                  logprobs_mode="processed_logprobs", max_model_len=args.prompt_len + args.new_tokens + 8,
-                  max_num_seqs=max(args.batch_sizes))
+    stock = StockVLLM(path, dtype=args.dtype, seed=args.seed, max_model_len=args.prompt_len + args.new_tokens + 8,
+                      max_num_seqs=max(args.batch_sizes), cpu_kvcache_gib=args.cpu_kvcache_gib)
 
     def generate(p, s):
-        params = vllm_sampling_params(s, len(p), eos_ids=None, logprobs=True, ignore_eos=True)
-        start = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=x) for x in p], params, use_tqdm=False)
-        return rollouts_from_outputs(outs, True, (), time.perf_counter() - start)
+        return stock.generate(p, s, ignore_eos=True)
 
     out = []
     for bs in args.batch_sizes:
@@ -221,7 +243,7 @@ def stock_vllm_rows(args, path, prompts, sampling, num_layers, rows):
         out.append({"engine": "stock vLLM", "batch_size": bs, "skip_ratio": 0.0, "k": 0, "skip": [], "tokens_per_s": rate,
                     "speedup": rate / ours["tokens_per_s"], "ideal": 1.0})
         print(f"stock vLLM bs={bs:<3} k=0  {rate:9.0f} tok/s  (skip-aware k=0 / stock = {ours['tokens_per_s'] / rate:.3f})", flush=True)
-    llm.llm_engine.engine_core.shutdown()
+    stock.close()
     return out
 
 
