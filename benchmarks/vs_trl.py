@@ -77,8 +77,8 @@ def parse_run(name: str) -> tuple[str, str]:
 #
 # TRL passes no dtype, so vLLM's "auto" downcasts the float32 checkpoint to bfloat16 on CPU (it logs
 # "Downcasting torch.float32 to torch.bfloat16"); its samples then differ from the float32 trainer
-# by up to 0.2-0.3 nats per token (TRL's `sampling/sampling_logp_difference/max`). Ours runs vLLM in
-# the config's `vllm_dtype` (float32); the shim starts TRL's vLLM in the same dtype.
+# by up to 0.15-0.33 nats per token (TRL's `sampling/sampling_logp_difference/max`, per round).
+# Ours runs vLLM in the config's `vllm_dtype` (float32); the shim starts TRL's vLLM in the same dtype.
 VLLM_START = dict(enforce_eager=True, enable_chunked_prefill=False)
 
 
