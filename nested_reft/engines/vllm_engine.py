@@ -131,6 +131,10 @@ class VLLMEngine(RolloutEngine):
         self.sleep_enabled = enable_sleep_mode
         self.sleeping = False
         self.architecture = arch
+        if current_platform.is_cpu() and "enable_chunked_prefill" not in llm_kwargs:
+            # A round's prompts can exceed one scheduler step; vLLM then rewinds a seeded request's
+            # generator, which a CPU torch.Generator cannot do ("does not use offset").
+            llm_kwargs = {**llm_kwargs, "enable_chunked_prefill": False}
         start = time.perf_counter()
         self.llm = LLM(
             model=model_path, revision=revision, dtype=dtype, enforce_eager=True,

@@ -212,3 +212,12 @@ def test_multiprocessing_engine_sets_skip_and_loads_weights_through_shared_memor
         assert greedy(eng, prompts) == hf_greedy(perturbed, chat_tokenizer, prompts, (1, 4))
     finally:
         eng.close()
+
+
+def test_a_round_larger_than_one_scheduler_step_samples_with_seeds(engine, prompts):
+    """Hundreds of seeded prompts (more tokens than one prefill step) work on CPU: chunked prefill
+    would rewind a seeded CPU generator, which raises."""
+    engine.set_skip(())
+    many = [p * 4 for p in prompts] * 64  # 256 prompts, about 20k prompt tokens
+    r = engine.generate(many, SamplingSpec(max_new_tokens=2, seed=11))
+    assert len(r.completion_ids) == 256 and all(len(c) >= 1 for c in r.completion_ids)
