@@ -195,7 +195,8 @@ class HFEngine(RolloutEngine):
                         ignore_eos: bool = False) -> tuple[list[list[int]], list[list[float]]]:
         device = next(self.model.parameters()).device
         ids, mask = _left_pad(prompts, self.pad_id, device)
-        recorder = SampledLogprobRecorder()
+        # μ is recorded only when it is reported: the throughput meter and `rescore` skip the per-step log-softmax
+        recorder = SampledLogprobRecorder() if self.score_logprobs and self.logprobs_source == "sampler" else None
         # generate() itself adds no warper (temperature 1, top-k 0, top-p 1): ours run, last.
         config = GenerationConfig(
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=sampling.max_new_tokens,
@@ -205,10 +206,10 @@ class HFEngine(RolloutEngine):
         with neutral_generation_config(self.model):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config,
-                logits_processor=LogitsProcessorList([*sampling_processors(sampling), recorder]),
+                logits_processor=LogitsProcessorList([*sampling_processors(sampling), *([recorder] if recorder else [])]),
             )
         new = out[:, ids.shape[1]:]
-        logps = recorder.finish(out).tolist()
+        logps = recorder.finish(out).tolist() if recorder else [[] for _ in prompts]
         completions, lps = [], []
         for row, lp in zip(new.tolist(), logps):
             for t, tok in enumerate(row):
