@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.report import write_report
+
 CONFIG = "recipes/configs/math_reft_tiny.yaml"
 
 
@@ -109,10 +111,7 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(run, cells))  # in grid order, whatever order they finish in
     md = table(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps(rows, indent=2))
-    (out / "grid.md").write_text(md + "\n")
+    write_report(Path(args.out), "grid", rows, md)
     print("\n" + md)
 
 

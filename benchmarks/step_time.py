@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from benchmarks.report import command_line, write_report
 
 CONFIG = "recipes/configs/math_reft_tiny.yaml"
 
@@ -222,9 +223,8 @@ def main(argv=None) -> list[dict]:
         saved = json.loads((out / "step_time.json").read_text())
         rows = aggregate(saved["runs"], [r["config"] for r in saved["rows"]])
         saved["rows"] = rows
-        (out / "step_time.json").write_text(json.dumps(saved, indent=2))
         md = table(rows) + "\n\n" + rounds_table(saved["runs"])
-        (out / "step_time.md").write_text(md + "\n")
+        write_report(out, "step_time", saved, md)
         print(md)
         return rows
     import torch
@@ -244,11 +244,10 @@ def main(argv=None) -> list[dict]:
               f"k {r['skipped_layers']}, load {r['load_average_1min']:.1f}", flush=True)
     rows = aggregate(runs, args.configs)
     md = table(rows) + "\n\n" + rounds_table(runs)
-    meta = {"command": "python -m benchmarks.step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": command_line("benchmarks.step_time", argv),
             "config": args.config, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "repeats": args.repeats,
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count()}
-    (out / "step_time.json").write_text(json.dumps({**meta, "rows": rows, "runs": runs}, indent=2))
-    (out / "step_time.md").write_text(md + "\n")
+    write_report(out, "step_time", {**meta, "rows": rows, "runs": runs}, md)
     print("\n" + md)
     print(f"\nwrote {out}/step_time.json and step_time.md")
     return rows

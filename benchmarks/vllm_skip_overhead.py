@@ -16,12 +16,12 @@ Writes `overhead.json` and `overhead.md` into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from benchmarks.report import command_line, write_report
 
 
 def pair_order(repeat: int) -> tuple[str, str]:
@@ -138,13 +138,11 @@ def main(argv=None) -> list[dict]:
     rows = summarise(measurements)
     md = table(rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python -m benchmarks.vllm_skip_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": command_line("benchmarks.vllm_skip_overhead", argv),
             "model": path, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "started_first": "stock" if args.stock_first else "skip-aware"}
-    (out / "overhead.json").write_text(json.dumps({**meta, "rows": rows, "measurements": measurements}, indent=2))
-    (out / "overhead.md").write_text(md + "\n")
+    write_report(out, "overhead", {**meta, "rows": rows, "measurements": measurements}, md)
     print("\n" + md)
     print(f"\nwrote {out}/overhead.json and overhead.md")
     return rows

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.report import write_report
+
 CONFIG = "recipes/configs/math_reft_tiny.yaml"
 SHARED_KEYS = ("num_generations", "per_device_train_batch_size", "max_completion_length", "temperature", "top_k",
                "top_p", "steps_per_generation", "learning_rate", "lr_scheduler_type", "warmup_steps", "beta", "loss_type",
@@ -304,8 +306,7 @@ def report(results: list[dict], out: Path) -> str:
     means_md, means = mean_table(results)
     md = "Per seed:\n\n" + seed_table(results) + "\n\nMeans over seeds:\n\n" + means_md
     print("\n" + md)
-    (out / "vs_trl.json").write_text(json.dumps({"results": results, "means": means}, indent=2))
-    (out / "vs_trl.md").write_text(md + "\n")
+    write_report(out, "vs_trl", {"results": results, "means": means}, md)
     plot(results, out / "vs_trl.png")
     print(f"wrote {out}/vs_trl.json, vs_trl.md, vs_trl.png")
     return md
