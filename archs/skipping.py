@@ -31,12 +31,25 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(decoder_stack(model).layers)
 
 
+# Attributes that hold a decoder-layer index: a layer's own cache slot, and (ECHO) the layer whose K/V
+# a sharer reads. Both are renumbered when layers are skipped.
+LAYER_INDEX_ATTRS = ("layer_idx", "kv_source_idx")
+
+
+def skippable_layers(model: nn.Module) -> tuple[int, ...]:
+    """The decoder layers that may be skipped. All of them unless the family's decoder stack narrows
+    it with a `skippable_layers()` method (ECHO: a layer whose K/V another layer reads may not be)."""
+    stack = decoder_stack(model)
+    narrowed = getattr(stack, "skippable_layers", None)
+    return tuple(range(len(stack.layers))) if narrowed is None else tuple(sorted(narrowed()))
+
+
 @contextlib.contextmanager
 def skip_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Module]:
     """Run `model` with `layers` skipped (identity on the residual stream) inside the block.
 
-    The kept layers are run as a shorter stack with their cache indices renumbered, exactly as a
-    model rebuilt without the skipped layers would run; the KV cache that `generate()` creates
+    The kept layers are run as a shorter stack with their layer indices (`LAYER_INDEX_ATTRS`)
+    renumbered, exactly as a model rebuilt without the skipped layers would run; the KV cache that `generate()` creates
     then has one entry per kept layer. A cache must not be carried across different skip sets.
     Everything is restored on exit, also on exceptions.
     """
@@ -52,16 +65,25 @@ def skip_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Module]:
     if not skip:
         yield model
         return
+    fixed = sorted(skip - set(skippable_layers(model)))
+    if fixed:
+        raise ValueError(f"layers {fixed} of this {type(stack).__name__} may not be skipped "
+                         f"(skippable: {list(skippable_layers(model))})")
     kept = [i for i in range(n) if i not in skip]
+    new_index = {old: new for new, old in enumerate(kept)}
     config = stack.config
     saved_config = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
-    renumbered: list[tuple[nn.Module, int]] = []
+    renumbered: list[tuple[nn.Module, str, int]] = []
     try:
-        for new_idx, old_idx in enumerate(kept):
+        for old_idx in kept:
             for module in original[old_idx].modules():
-                if getattr(module, "layer_idx", None) == old_idx:
-                    renumbered.append((module, old_idx))
-                    module.layer_idx = new_idx
+                for attr in LAYER_INDEX_ATTRS:
+                    value = getattr(module, attr, None)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        if value not in new_index:
+                            raise ValueError(f"layer {old_idx} reads layer {value} ({attr}), which is skipped")
+                        renumbered.append((module, attr, value))
+                        setattr(module, attr, new_index[value])
         stack.layers = nn.ModuleList([original[i] for i in kept])
         config.num_hidden_layers = len(kept)
         if "layer_types" in saved_config and saved_config["layer_types"] is not None:
@@ -71,5 +93,5 @@ def skip_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Module]:
         stack.layers = original
         for key, value in saved_config.items():
             setattr(config, key, value)
-        for module, old_idx in renumbered:
-            module.layer_idx = old_idx
+        for module, attr, old_value in renumbered:
+            setattr(module, attr, old_value)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from archs.skipping import decoder_stack, num_decoder_layers, skip_layers
+from archs.skipping import decoder_stack, num_decoder_layers, skip_layers, skippable_layers
 
-__all__ = ["MODES", "LayerSkipPolicy", "decoder_stack", "num_decoder_layers", "skip_layers"]
+__all__ = ["MODES", "LayerSkipPolicy", "decoder_stack", "num_decoder_layers", "skip_layers", "skippable_layers"]
 
 MODES = ("random", "contiguous", "strided", "fixed")
 
@@ -17,14 +17,16 @@ class LayerSkipPolicy:
     """Draws the set of layers to skip, once per generation round (seeded, replayable).
 
     k = round(skip_ratio * num_layers) layers are skipped, or k uniform in `k_range` (inclusive);
-    the first `keep_first` and last `keep_last` layers are never skipped. Modes: `random`
+    the first `keep_first` and last `keep_last` layers are never skipped, nor any layer outside
+    `skippable` (the family's skippable units, `skippable_layers(model)`; default all). Modes: `random`
     (uniform subset of the eligible layers), `contiguous` (one block at a random offset),
     `strided` (evenly spaced, random phase) or `fixed` (always `layers`).
     """
 
     def __init__(self, num_layers: int, skip_ratio: float = 0.25, keep_first: int = 2,
                  keep_last: int = 2, mode: str = "random", layers: Sequence[int] | None = None,
-                 k_range: tuple[int, int] | None = None, seed: int = 0):
+                 k_range: tuple[int, int] | None = None, seed: int = 0,
+                 skippable: Sequence[int] | None = None):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         if mode not in MODES:
@@ -35,7 +37,8 @@ class LayerSkipPolicy:
             raise ValueError(f"keep_first and keep_last must be >= 0, got {keep_first!r}, {keep_last!r}")
         self.num_layers, self.mode, self.seed = num_layers, mode, seed
         self.skip_ratio, self.keep_first, self.keep_last = skip_ratio, keep_first, keep_last
-        self.eligible = tuple(range(keep_first, max(keep_first, num_layers - keep_last)))
+        allowed = set(range(num_layers)) if skippable is None else set(skippable)
+        self.eligible = tuple(i for i in range(keep_first, max(keep_first, num_layers - keep_last)) if i in allowed)
         self.layers: tuple[int, ...] | None = None
         if mode == "fixed":
             if layers is None:
@@ -43,6 +46,9 @@ class LayerSkipPolicy:
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
             if bad:
                 raise ValueError(f"layer indices {bad} are out of range for a model with {num_layers} layers")
+            fixed = sorted(set(layers) - allowed)
+            if fixed:
+                raise ValueError(f"layers {fixed} may not be skipped in this model (skippable: {sorted(allowed)})")
             if len(set(layers)) >= num_layers:
                 raise ValueError(f"cannot skip all {num_layers} layers (layers={list(layers)})")
             self.layers = tuple(sorted(set(layers)))
@@ -60,6 +66,7 @@ class LayerSkipPolicy:
                 raise ValueError(
                     f"cannot skip {k_max} layers: only {len(self.eligible)} of {num_layers} are eligible "
                     f"with keep_first={keep_first}, keep_last={keep_last}"
+                    + ("" if skippable is None else f" and skippable layers {sorted(allowed)}")
                 )
             self.k_range = (k_min, k_max)
         self._rng = random.Random(seed)

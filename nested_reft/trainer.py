@@ -28,7 +28,7 @@ from .engines import RolloutEngine, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
-from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers
+from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class NestedReFTTrainer(GRPOTrainer):
         self.skip_policy = LayerSkipPolicy(
             num_decoder_layers(policy), skip_ratio=a.skip_ratio, keep_first=a.keep_first,
             keep_last=a.keep_last, mode=a.skip_mode, layers=a.skip_layers, k_range=k_range,
-            seed=a.seed if a.skip_seed is None else a.skip_seed,
+            seed=a.seed if a.skip_seed is None else a.skip_seed, skippable=skippable_layers(policy),
         )
         self.skip_controller = None
         if a.correction == "ess_adaptive":

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nested_reft.skipping import LayerSkipPolicy, decoder_stack, skip_layers
+from nested_reft.skipping import LayerSkipPolicy, decoder_stack, skip_layers, skippable_layers
 
 # --------------------------------------------------------------------------- policy
 
@@ -188,3 +188,33 @@ def test_works_through_a_peft_wrapper():
         assert len(decoder_stack(model).layers) == 5
         assert model(input_ids=ids).logits.shape == (1, 5, 97)
     assert len(decoder_stack(model).layers) == 6
+
+
+def test_a_family_narrows_the_skippable_layers_and_the_policy_and_context_obey():
+    model = tiny("qwen2")
+    stack = decoder_stack(model)
+    stack.skippable_layers = lambda: [1, 2, 4]  # as a family's decoder stack would say
+    assert skippable_layers(model) == (1, 2, 4)
+    with pytest.raises(ValueError, match=r"layers \[3\] .* may not be skipped"), skip_layers(model, [2, 3]):
+        pass
+    policy = LayerSkipPolicy(6, skip_ratio=0.34, keep_first=1, keep_last=1, skippable=skippable_layers(model))
+    assert policy.eligible == (1, 2, 4)
+    assert all(set(policy.draw()) <= {1, 2, 4} for _ in range(20))
+    with pytest.raises(ValueError, match="only 3 of 6 are eligible"):
+        LayerSkipPolicy(6, k_range=(0, 4), keep_first=1, keep_last=1, skippable=[1, 2, 4])
+    with pytest.raises(ValueError, match=r"layers \[3\] may not be skipped"):
+        LayerSkipPolicy(6, mode="fixed", layers=[3], skippable=[1, 2, 4])
+
+
+def test_layer_references_are_renumbered_and_a_reference_to_a_skipped_layer_fails():
+    model = tiny("qwen2")
+    layers = decoder_stack(model).layers
+    layers[4].self_attn.kv_source_idx = 3  # layer 4 reads layer 3's K/V (ECHO-style)
+    with skip_layers(model, [1]):
+        assert layers[4].self_attn.kv_source_idx == 2 and layers[4].self_attn.layer_idx == 3
+    assert layers[4].self_attn.kv_source_idx == 3 and layers[4].self_attn.layer_idx == 4
+    with pytest.raises(ValueError, match=r"layer 4 reads layer 3 \(kv_source_idx\), which is skipped"):
+        with skip_layers(model, [3]):
+            pass
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(6))
+    assert layers[4].self_attn.kv_source_idx == 3
