@@ -32,6 +32,32 @@ from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippabl
 
 logger = logging.getLogger(__name__)
 
+# Tensors of a training batch with one column per completion token.
+PER_COMPLETION_TOKEN = ("completion_ids", "completion_mask", "advantages", "old_per_token_logps",
+                        "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio", "tool_mask")
+
+
+def trim_completion_padding(inputs: dict) -> dict:
+    """Drop the trailing completion columns that no row of this batch uses.
+
+    TRL pads a whole generation round to its longest completion, so every optimizer step of the
+    round trains on that width even when its own rows are shorter. Trailing columns are masked
+    out of every loss and metric and, being after every real token, never seen by one under the
+    causal mask: dropping them changes no number, and a round with one long completion then
+    costs its length in one step instead of in all of them.
+    """
+    mask = inputs["completion_mask"]
+    used = mask.any(dim=0).nonzero()
+    width = int(used[-1]) + 1 if used.numel() else 1
+    if width == mask.size(1):
+        return inputs
+    trimmed = dict(inputs)
+    for key in PER_COMPLETION_TOKEN:
+        value = inputs.get(key)
+        if torch.is_tensor(value) and value.dim() == 2 and value.size(1) == mask.size(1):
+            trimmed[key] = value[:, :width]
+    return trimmed
+
 
 class NestedReFTTrainer(GRPOTrainer):
     """GRPO with rollouts from a layer-skipped copy of the policy, corrected off-policy.
@@ -182,6 +208,10 @@ class NestedReFTTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ correction
 
     @torch.no_grad()
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        return trim_completion_padding(inputs) if self.model.training else inputs
+
     def _policy_logps(self, output: dict) -> torch.Tensor:
         """Per-token log-probs of the completions under `self.model` as it is now (TRL's forward)."""
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)

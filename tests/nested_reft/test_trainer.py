@@ -225,3 +225,37 @@ def test_skip_ratio_logs_the_k_drawn_and_the_probe_only_when_measured(small_mode
     assert all("rollout/probe_speedup" in logs[r] and logs[r]["rollout/full_tokens_per_s"] > 0 for r in measured)
     # fixed-length workload: one prompt per group (8 / 4), max_completion_length tokens, EOS ignored
     assert probes == [p for r in measured for p in ((2, 12, history[r]), (2, 12, ()))]
+
+
+def test_trailing_completion_padding_is_trimmed_and_changes_no_number(small_model_dir, chat_tokenizer, tmp_path):
+    """Catches a trim that cuts a used column (loss changes) or one that never trims (width stays)."""
+    from nested_reft.trainer import trim_completion_padding
+
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer, train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1,
+                              correction="tis", clip=2.0, full_model_probe_every=0, **SHARED,
+                              bf16=False),  # float32: bf16 autocast rounds differently at another width
+    )
+    _, inputs = first_inputs(trainer)
+    mask = inputs["completion_mask"]
+    assert mask[:, -1].any()  # what _prepare_inputs returns ends at its longest completion
+    extra = 5  # a round padded past this batch's longest completion, as TRL pads to the round's longest
+    padded = dict(inputs)
+    b = mask.size(0)
+    for key, fill in (("completion_ids", torch.randint(1, 50, (b, extra))), ("completion_mask", torch.zeros(b, extra)),
+                      ("advantages", torch.randn(b, extra)), ("old_per_token_logps", -torch.rand(b, extra))):
+        if key in inputs:
+            padded[key] = torch.cat([inputs[key], fill.to(inputs[key].dtype)], dim=1)
+    trimmed = trim_completion_padding(padded)
+    for key in ("completion_ids", "completion_mask", "advantages"):
+        assert torch.equal(trimmed[key], inputs[key])
+    assert torch.equal(trimmed["prompt_ids"], inputs["prompt_ids"])  # prompts are left alone
+    loss_padded, grads_padded = loss_and_grads(trainer, padded)
+    loss_trimmed, grads_trimmed = loss_and_grads(trainer, trimmed)
+    torch.testing.assert_close(loss_trimmed, loss_padded, rtol=1e-6, atol=1e-7)
+    for name, grad in grads_padded.items():  # float sums over a different width: summation-order error only
+        torch.testing.assert_close(grads_trimmed[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
+    cut = dict(padded, completion_mask=padded["completion_mask"].clone())
+    cut["completion_mask"][:, -1] = 1  # a used last column: nothing may be trimmed
+    assert trim_completion_padding(cut)["completion_ids"].size(1) == padded["completion_ids"].size(1)
