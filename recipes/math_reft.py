@@ -30,6 +30,7 @@ from nested_reft.reporting import (
 )
 from nested_reft.trainer import NestedReFTTrainer
 from recipes.model_loading import load_model_and_tokenizer
+from recipes.preflight import preflight
 from recipes.run_folder import prepare_run_folder, run_record
 from rewards.math import accuracy_reward, format_reward
 
@@ -95,6 +96,8 @@ def main(argv=None) -> dict:
     # Data first: a bad path or field fails before any model is loaded.
     train, test = load_train_and_heldout(script_args, training_args.seed)
     model_path = resolve_model(model_args, script_args)
+    preflight(model_path, training_args, train["prompt"], use_peft=model_args.use_peft,
+              revision=model_args.model_revision)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
                                                     "eval_path": script_args.eval_path})

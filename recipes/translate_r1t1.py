@@ -28,8 +28,10 @@ from r1t1.data import load_parallel
 from r1t1.templates import TemplateSelector
 from r1t1.toy import toy_rows
 from r1t1.trainer import R1T1Trainer
+from recipes.preflight import preflight
 from recipes.run_folder import prepare_run_folder, run_record
 from recipes.translation_common import (
+    MISSING_MODEL_HINT,
     TranslationDataArguments,
     embedded_model,
     held_out,
@@ -86,6 +88,8 @@ def main(argv=None) -> dict:
     test = held_out_rows(script_args, selector, corpus=script_args.train_path)
     quality_reward = make_translation_reward(a.reward_metric, a.comet_model)
     model_path = model_args.model_name_or_path or embedded_model(script_args)
+    preflight(model_path, a, train["prompt"], use_peft=model_args.use_peft, revision=model_args.model_revision,
+              hint=MISSING_MODEL_HINT)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"train_path": script_args.train_path})
     out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -71,13 +70,15 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpu
     return prompt_rows(rows, selector, a.system_prompt)
 
 
+MISSING_MODEL_HINT = (" (for the R1-T1 default, run `python -m recipes.translate_sft --config "
+                      "recipes/configs/translate_sft_toy.yaml` first)")
+
+
 def load_model(model_path: str, model_args, use_cpu: bool = False):
     from recipes.model_loading import load_model_and_tokenizer
+    from recipes.preflight import check_model_path
 
-    looks_local = model_path.startswith((".", "/", "~", "outputs/")) or Path(model_path.split("/")[0]).is_dir()
-    if looks_local and not Path(model_path).expanduser().exists():
-        raise FileNotFoundError(f"model {model_path!r} does not exist (for the R1-T1 default, run "
-                                "`python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml` first)")
+    check_model_path(model_path, MISSING_MODEL_HINT)
     return load_model_and_tokenizer(model_path, model_args, use_cpu=use_cpu, use_peft=model_args.use_peft)
 
 
