@@ -34,10 +34,12 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids) -> RolloutEn
             raise ValueError("behavior='pot' quantizes a full copy of the policy; with PEFT (use_peft) it is not "
                              "supported yet: use behavior='skip'")
         return PoTHFEngine(policy, tokenizer, bits=args.pot_bits, group_size=args.pot_group_size,
-                           eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size, auto_sync=False)
+                           eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size, auto_sync=False,
+                           compact_every=getattr(args, "rollout_compact_every", 0))
     if args.engine == "hf":
         return HFEngine(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size,
-                        score_logprobs=score, cache_implementation=getattr(args, "cache_implementation", None))
+                        score_logprobs=score, cache_implementation=getattr(args, "cache_implementation", None),
+                        compact_every=getattr(args, "rollout_compact_every", 0))
     if args.engine == "vllm":
         from .vllm_engine import VLLMEngine
 

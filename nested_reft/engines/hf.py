@@ -162,13 +162,21 @@ class HFEngine(RolloutEngine):
     over the samples (only where the sampler is plain temperature sampling). `score_logprobs=False`
     returns no log-probs at all. `cache_implementation` is passed to generate() (speed and memory
     only; it does not change the distribution).
+
+    `compact_every` > 0 generates in phases of that many tokens and drops the rows that finished
+    before the next phase, continuing the others from their KV cache: `generate()` otherwise
+    decodes every row of a batch until its longest one ends, so one long completion holds up the
+    whole round. Each phase samples from the same processed distribution (μ is recorded per phase),
+    so only the random stream differs from one call.
     """
 
     shares_policy_weights = True
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_ids: Iterable[int] | None = None,
                  batch_size: int = 64, score_logprobs: bool = True, logprobs_source: str = "sampler",
-                 cache_implementation: str | None = None):
+                 cache_implementation: str | None = None, compact_every: int = 0):
+        if compact_every < 0:
+            raise ValueError(f"compact_every must be >= 0 (0: one generate() call per batch), got {compact_every!r}")
         if logprobs_source not in LOGPROB_SOURCES:
             raise ValueError(f"logprobs_source must be one of {LOGPROB_SOURCES}, got {logprobs_source!r}")
         self.model = model
@@ -179,6 +187,7 @@ class HFEngine(RolloutEngine):
         self.score_logprobs = score_logprobs
         self.logprobs_source = logprobs_source
         self.cache_implementation = cache_implementation
+        self.compact_every = compact_every
         self.num_layers = num_decoder_layers(model)
         ignored = checkpoint_sampler_settings(model)
         if ignored:
@@ -195,30 +204,57 @@ class HFEngine(RolloutEngine):
                         ignore_eos: bool = False) -> tuple[list[list[int]], list[list[float]]]:
         device = next(self.model.parameters()).device
         ids, mask = _left_pad(prompts, self.pad_id, device)
+        completions: list[list[int]] = [[] for _ in prompts]
+        lps: list[list[float]] = [[] for _ in prompts]
+        rows = list(range(len(prompts)))  # the prompts still being generated, in the batch's order
+        remaining, cache = sampling.max_new_tokens, None
+        phased = bool(self.compact_every) and not ignore_eos and self.cache_implementation is None
+        while True:
+            phase = min(remaining, self.compact_every) if phased else remaining
+            out, new, logps = self._generate_phase(ids, mask, cache, phase, sampling, ignore_eos)
+            unfinished = []
+            for i, (row, lp) in enumerate(zip(new.tolist(), logps)):
+                for t, tok in enumerate(row):
+                    if tok in self.eos_ids:  # keep the EOS token (it is part of what was sampled)
+                        row = row[: t + 1]
+                        break
+                else:
+                    unfinished.append(i)
+                completions[rows[i]] += row
+                lps[rows[i]] += lp[: len(row)]
+            remaining -= phase
+            if remaining <= 0 or not unfinished:
+                return completions, lps
+            # Continue only the unfinished rows, from their cache: finished rows stop costing decode steps.
+            cache = out.past_key_values
+            if not hasattr(cache, "batch_select_indices"):
+                raise TypeError(f"rollout_compact_every needs a cache that can drop rows (batch_select_indices); "
+                                f"{type(cache).__name__} cannot: set rollout_compact_every=0")
+            keep = torch.tensor(unfinished, device=device)
+            cache.batch_select_indices(keep)
+            mask = torch.cat([mask, torch.ones_like(new)], dim=1)[keep]
+            ids, rows = out.sequences[keep], [rows[i] for i in unfinished]
+
+    def _generate_phase(self, ids, mask, cache, max_new_tokens: int, sampling: SamplingSpec, ignore_eos: bool):
+        """One generate() call: up to `max_new_tokens` more tokens for every row of `ids`, continuing
+        from `cache` (which holds every token of `ids` but the last) when given."""
         # μ is recorded only when it is reported: the throughput meter and `rescore` skip the per-step log-softmax
         recorder = SampledLogprobRecorder() if self.score_logprobs and self.logprobs_source == "sampler" else None
         # generate() itself adds no warper (temperature 1, top-k 0, top-p 1): ours run, last.
         config = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.max_new_tokens if ignore_eos else None, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id, cache_implementation=self.cache_implementation, disable_compile=True,
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if ignore_eos else None, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id, cache_implementation=self.cache_implementation if cache is None else None,
+            disable_compile=True, return_dict_in_generate=True,
         )
         with neutral_generation_config(self.model):
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config,
+                input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache,
                 logits_processor=LogitsProcessorList([*sampling_processors(sampling), *([recorder] if recorder else [])]),
             )
-        new = out[:, ids.shape[1]:]
-        logps = recorder.finish(out).tolist() if recorder else [[] for _ in prompts]
-        completions, lps = [], []
-        for row, lp in zip(new.tolist(), logps):
-            for t, tok in enumerate(row):
-                if tok in self.eos_ids:  # keep the EOS token (it is part of what was sampled)
-                    row = row[: t + 1]
-                    break
-            completions.append(row)
-            lps.append(lp[: len(row)])
-        return completions, lps
+        new = out.sequences[:, ids.shape[1]:]
+        logps = recorder.finish(out.sequences).tolist() if recorder else [[] for _ in range(ids.size(0))]
+        return out, new, logps
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:

@@ -94,11 +94,11 @@ class PoTHFEngine(HFEngine):
 
     def __init__(self, policy: nn.Module, tokenizer, *, bits: int = 4, group_size: int = 128,
                  auto_sync: bool = True, eos_token_ids: Iterable[int] | None = None,
-                 batch_size: int = 64, skip=("lm_head",), backend: str = "auto"):
+                 batch_size: int = 64, skip=("lm_head",), backend: str = "auto", compact_every: int = 0):
         self.behavior = PoTBehaviorModel(policy, bits, group_size, skip=skip, backend=backend)
         self.auto_sync = auto_sync
         super().__init__(self.behavior.model, tokenizer, eos_token_ids=eos_token_ids,
-                         batch_size=batch_size, score_logprobs=True)
+                         batch_size=batch_size, score_logprobs=True, compact_every=compact_every)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         if self.auto_sync and self.behavior.stale:

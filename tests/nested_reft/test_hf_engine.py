@@ -169,3 +169,30 @@ def test_vllm_sampling_params_carry_the_request_seeds_and_processors():
     params = vllm_sampling_params(spec, 5, eos_ids=[2], logprobs=True)
     assert [p.seed for p in params] == request_seeds(spec.seed, 5)
     assert all(p.min_p == 0.1 and p.repetition_penalty == 1.2 and p.top_k in (0, -1) for p in params)
+
+
+def test_compacted_phases_drop_finished_rows_and_keep_mu_exact(monkeypatch):
+    """Generating in phases of 3 tokens, rows that hit EOS leave the batch and the others continue
+    from their cache: μ still equals an independent forward of the skipped model (a wrong cache
+    row, position or mask after a phase fails this), every completion ends at EOS or the cap, and
+    later phases really run on fewer rows."""
+    model = tiny("qwen2", num_layers=6)
+    eos = list(range(82, 97))  # about 15% of the vocabulary ends a completion: rows finish at different phases
+    engine = HFEngine(model, _Tok(), eos_token_ids=eos, compact_every=3)
+    engine.set_skip((2,))
+    sizes = []
+    real = engine._generate_phase
+    monkeypatch.setattr(engine, "_generate_phase", lambda ids, *a, **k: (sizes.append(ids.size(0)), real(ids, *a, **k))[1])
+    prompts = [[5, 6, 7, 8, 9], [11], [12, 13], [14, 15, 16], [17, 18], [19], [20, 21, 22], [23]]
+    out = engine.generate(prompts, SamplingSpec(max_new_tokens=10, temperature=0.9, seed=3))
+    assert sizes[0] == 8 and len(sizes) >= 2 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 8
+    lengths = [len(c) for c in out.completion_ids]
+    assert max(lengths) > 3  # some row crossed a phase boundary
+    ref = rebuilt_without(model, (2,))
+    for prompt, completion, lps in zip(prompts, out.completion_ids, out.logprobs):
+        assert completion[-1] in eos or len(completion) == 10
+        assert all(t not in eos for t in completion[:-1])
+        expected = teacher_forced_logps(ref, prompt, completion, 0.9)
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="compact_every must be >= 0"):
+        HFEngine(model, _Tok(), compact_every=-1)
