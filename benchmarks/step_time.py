@@ -6,7 +6,7 @@
 
 Every config is `recipes/configs/math_reft_tiny.yaml` (HF engine) with only `skip_ratio` and, after a
 colon, `behavior_logprobs` changed (`skip0.125:rescore`: μ from a second, skipped forward instead of
-the sampler's own scores). All configs run in this one process, back to back, with the same seed, so
+the sampler's own scores) and `rollout_compact_every` (`skip0:compact0`: one generate() call per batch). All configs run in this one process, back to back, with the same seed, so
 the same prompts; `--repeats N` runs the list N times, every other pass in reverse order, so that a
 drift in the machine's load falls on every config alike. Each run trains `warmup_rounds + rounds`
 generation rounds (`steps_per_generation` optimizer steps each) and times the optimizer steps after
@@ -27,17 +27,26 @@ from benchmarks.report import command_line, write_report
 CONFIG = "recipes/configs/math_reft_tiny.yaml"
 
 
-def parse_config_name(name: str) -> tuple[float, str]:
-    """'skip0.125' -> (0.125, 'sampler'); 'skip0.125:rescore' -> (0.125, 'rescore')."""
-    head, _, source = name.partition(":")
-    source = source or "sampler"
+def parse_config_name(name: str) -> tuple[float, str, int | None]:
+    """'skip0.125' -> (0.125, 'sampler', None); 'skip0.125:rescore' -> (0.125, 'rescore', None);
+    'skip0:compact0' -> (0.0, 'sampler', 0): rollout_compact_every 0 (None: the config's value)."""
+    head, *options = name.split(":")
+    source, compact, ok = "sampler", None, True
+    for option in options:
+        if option in ("sampler", "rescore"):
+            source = option
+        elif option.startswith("compact") and option.removeprefix("compact").isdigit():
+            compact = int(option.removeprefix("compact"))
+        else:
+            ok = False
     try:
         ratio = float(head.removeprefix("skip")) if head.startswith("skip") else None
     except ValueError:
         ratio = None
-    if ratio is None or not 0 <= ratio < 1 or source not in ("sampler", "rescore"):
-        raise ValueError(f"config {name!r}: expected skip<ratio in [0, 1)>[:sampler|:rescore], e.g. skip0.125:rescore")
-    return ratio, source
+    if not ok or ratio is None or not 0 <= ratio < 1:
+        raise ValueError(f"config {name!r}: expected skip<ratio in [0, 1)>[:sampler|:rescore][:compact<N>], "
+                         "e.g. skip0.125:rescore or skip0:compact0")
+    return ratio, source, compact
 
 
 def run_order(configs: list[str], repeats: int) -> list[tuple[int, str]]:
@@ -104,10 +113,11 @@ def run_one(name: str, args, model_path: str) -> dict:
     from recipes.math_reft import MathReFTArguments, load_data
     from rewards.math import accuracy_reward, format_reward
 
-    ratio, source = parse_config_name(name)
+    ratio, source, compact = parse_config_name(name)
     parser = TrlParser((MathReFTArguments, NestedReFTConfig, ModelConfig))
     script_args, targs, _ = parser.parse_args_and_config(args=[
         "--config", args.config, "--skip_ratio", str(ratio), "--behavior_logprobs", source,
+        *(["--rollout_compact_every", str(compact)] if compact is not None else []),
         "--output_dir", str(Path(args.out) / name.replace(":", "_")), "--save_strategy", "no", "--report_to", "none",
         "--max_steps", "1"])  # replaced below, once steps_per_generation is known
     steps_per_round = targs.steps_per_generation

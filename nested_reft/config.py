@@ -57,6 +57,7 @@ class NestedReFTConfig(GRPOConfig):
     vllm_server_retries: int = field(default=3, metadata={"help": "engine=vllm_server: attempts per request on connection errors, with exponential backoff."})
     behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
+    reward_timeout: float = field(default=120.0, metadata={"help": "Seconds a reward function may take on a round's batch (and then on each sample of a failed batch); a sample whose reward raises or overruns scores 0 and is counted in rewards/<name>/failed instead of stopping the run."})
     rollout_compact_every: int = field(default=32, metadata={"help": "engine='hf': generate in phases of this many tokens and drop the rows that finished before the next phase (continuing the others from their KV cache), so one long completion does not hold the whole batch; 0: one generate() call per batch (rows decode until the longest ends)."})
     full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds (from the first, or the next round that skips layers), time the full model and that round's behavior model on the same fixed-length workload: one prompt per group, full_model_probe_tokens tokens each, EOS ignored; logged as rollout/full_tokens_per_s, rollout/probe_behavior_tokens_per_s and rollout/probe_speedup on the rounds measured, samples discarded. 0: never."})
     full_model_probe_tokens: int = field(default=64, metadata={"help": "Tokens per prompt of the probe's fixed-length workload (at most max_completion_length)."})
@@ -100,6 +101,8 @@ class NestedReFTConfig(GRPOConfig):
         if self.correction == "ess_adaptive" and self.skip_mode == "fixed":
             raise ValueError("correction='ess_adaptive' steers the number of skipped layers, which skip_mode='fixed' pins: "
                              "use skip_mode random, contiguous or strided, or another correction")
+        if not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout!r}")
         if self.rollout_compact_every < 0:
             raise ValueError(f"rollout_compact_every must be >= 0 (0: off), got {self.rollout_compact_every!r}")
         if self.full_model_probe_every < 0 or self.full_model_probe_tokens < 1:

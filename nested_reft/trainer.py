@@ -20,6 +20,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import is_async_callable
 
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
@@ -28,6 +29,7 @@ from .engines import RolloutEngine, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
+from .reward_guard import GuardedReward
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippable_layers
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,10 @@ class NestedReFTTrainer(GRPOTrainer):
         if not isinstance(self.args, NestedReFTConfig):
             raise TypeError(f"NestedReFTTrainer needs a NestedReFTConfig, got {type(self.args).__name__}")
         a = self.args
+        # plain reward functions cost one sample, not the run, when they raise or hang
+        self.reward_funcs = [GuardedReward(f, a.reward_timeout)
+                             if callable(f) and not isinstance(f, torch.nn.Module) and not is_async_callable(f)
+                             else f for f in self.reward_funcs]
         policy = self.accelerator.unwrap_model(self.model)
         k_range = (a.skip_k_min, a.skip_k_max) if a.skip_k_min is not None else None
         self.skip_policy = LayerSkipPolicy(
@@ -231,6 +237,10 @@ class NestedReFTTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            if isinstance(func, GuardedReward):
+                self._metrics[mode][f"rewards/{name}/failed"].append(float(func.pop_failures()))
         if not self.model.training:
             return output
         start = time.perf_counter()
