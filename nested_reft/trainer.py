@@ -107,6 +107,8 @@ class NestedReFTTrainer(GRPOTrainer):
         self._turn = 0
         self._round_stats: dict[str, float] = {}
         self._probe_due = bool(a.full_model_probe_every)
+        self._nonfinite_pending = False  # a micro-batch of this optimizer step had a NaN/inf loss
+        self.nonfinite_steps_skipped = 0
 
     # ------------------------------------------------------------------ generation
 
@@ -280,6 +282,46 @@ class NestedReFTTrainer(GRPOTrainer):
         t = self.accelerator.pad_across_processes(t.contiguous(), dim=1, pad_index=0)
         return self.accelerator.gather(t)
 
+    # ------------------------------------------------------------------ non-finite steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._nonfinite_pending = True
+        return loss
+
+    def create_optimizer(self, model=None):
+        """The optimizer, with its step skipped when the step's loss or gradients are not finite:
+        one NaN would otherwise poison every weight. (With DeepSpeed the engine owns the optimizer
+        step and its own overflow check applies instead.)"""
+        optimizer = super().create_optimizer(model)
+        if getattr(optimizer, "_nested_reft_guarded", False):
+            return optimizer
+        step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            if self._skip_nonfinite_step(optimizer):
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step, optimizer._nested_reft_guarded = guarded_step, True
+        return optimizer
+
+    def _skip_nonfinite_step(self, optimizer) -> bool:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = self._nonfinite_pending or (bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all())
+        self._nonfinite_pending = False
+        flag = torch.tensor(float(bad), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # every rank skips, or none: the weights stay identical
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return False
+        self.nonfinite_steps_skipped += 1
+        self._metrics["train"]["nonfinite_steps_skipped"].append(float(self.nonfinite_steps_skipped))
+        logger.warning("step %d: non-finite loss or gradients; the optimizer step is skipped (%d so far)",
+                       self.state.global_step + 1, self.nonfinite_steps_skipped)
+        return True
+
     # ------------------------------------------------------------------ checkpoints
 
     SKIP_STATE_FILE = "nested_reft_state.json"
@@ -292,7 +334,7 @@ class NestedReFTTrainer(GRPOTrainer):
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             state = {"skip_policy": self.skip_policy.state_dict(), "round": self._round,
                      "skip_ratio": self.skip_controller.ratio if self.skip_controller else None,
-                     "probe_due": self._probe_due}
+                     "probe_due": self._probe_due, "nonfinite_steps_skipped": self.nonfinite_steps_skipped}
             with open(os.path.join(folder, self.SKIP_STATE_FILE), "w") as f:
                 json.dump(state, f)
 
@@ -305,6 +347,7 @@ class NestedReFTTrainer(GRPOTrainer):
             self.skip_policy.load_state_dict(state["skip_policy"])
             self._round = state["round"]
             self._probe_due = state.get("probe_due", self._probe_due)
+            self.nonfinite_steps_skipped = state.get("nonfinite_steps_skipped", 0)
             if self.skip_controller is not None and state["skip_ratio"] is not None:
                 self.skip_controller.ratio = state["skip_ratio"]
                 self.skip_policy.set_skip_ratio(state["skip_ratio"])

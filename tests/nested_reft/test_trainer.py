@@ -259,3 +259,31 @@ def test_trailing_completion_padding_is_trimmed_and_changes_no_number(small_mode
     cut = dict(padded, completion_mask=padded["completion_mask"].clone())
     cut["completion_mask"][:, -1] = 1  # a used last column: nothing may be trimmed
     assert trim_completion_padding(cut)["completion_ids"].size(1) == padded["completion_ids"].size(1)
+
+
+def test_a_non_finite_loss_skips_that_optimizer_step_and_training_goes_on(small_model_dir, chat_tokenizer, tmp_path):
+    """Catches a NaN step that reaches the weights (all would become NaN) and a run that stops on it."""
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer, train_dataset=dataset(),
+        args=NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.0, full_model_probe_every=0, max_steps=3,
+                              **{**SHARED, "num_generations": 4, "per_device_train_batch_size": 4}),
+    )
+    real = trainer.compute_loss
+    snapshots = []
+
+    def loss_with_a_nan_on_step_2(model, inputs, *args, **kwargs):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        loss = real(model, inputs, *args, **kwargs)
+        return loss * float("nan") if len(snapshots) == 2 else loss
+
+    trainer.compute_loss = loss_with_a_nan_on_step_2
+    trainer.train()
+    final = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert trainer.state.global_step == 3 and trainer.nonfinite_steps_skipped == 1
+    assert all(torch.isfinite(p).all() for p in final.values())
+    moved = lambda a, b: any(not torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+    assert moved(snapshots[0], snapshots[1])  # step 1 trained
+    assert not moved(snapshots[1], snapshots[2])  # step 2 (NaN) was skipped: weights untouched
+    assert moved(snapshots[2], final)  # step 3 trained again
+    logged = [row["nonfinite_steps_skipped"] for row in trainer.state.log_history if "nonfinite_steps_skipped" in row]
+    assert logged == [1.0]
