@@ -111,19 +111,20 @@ class ScoutSlidingWindowAttention(_QKVO):
 
 
 def selective_scan(x, dt, A, B, C, D, state=None):
-    """Mamba-1 recurrence in float32: h_t = exp(dt_t A) h_{t−1} + dt_t B_t x_t, y_t = C_t h_t + D x_t.
-    x, dt: (b, T, E); A: (E, N); B, C: (b, T, N); state: (b, E, N) or None (zeros). Returns y (b, T, E)
-    and the last state. dt = 0 leaves the state exactly as it was (how pads pass through)."""
-    x, dt = x.float(), dt.float()
-    decay = torch.exp(dt[..., None] * A.float())  # (b, T, E, N)
-    inject = (dt * x)[..., None] * B.float()[:, :, None, :]
-    h = x.new_zeros(x.size(0), x.size(2), A.size(1)) if state is None else state
+    """Mamba-1 recurrence in float32 (float64 for float64 inputs): h_t = exp(dt_t A) h_{t−1} + dt_t B_t x_t,
+    y_t = C_t h_t + D x_t. x, dt: (b, T, E); A: (E, N); B, C: (b, T, N); state: (b, E, N) or None (zeros).
+    Returns y (b, T, E) and the last state. dt = 0 leaves the state exactly as it was (how pads pass)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(acc) for t in (x, dt, A, B, C))
+    decay = torch.exp(dt[..., None] * A)  # (b, T, E, N)
+    inject = (dt * x)[..., None] * B[:, :, None, :]
+    h = x.new_zeros(x.size(0), x.size(2), A.size(1)) if state is None else state.to(acc)
     ys = []
     for t in range(x.size(1)):
         h = decay[:, t] * h + inject[:, t]
-        ys.append((h * C[:, t, None, :].float()).sum(-1))
+        ys.append((h * C[:, t, None, :]).sum(-1))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return y + x * D.float(), h
+    return y + x * D.to(acc), h
 
 
 class ScoutMambaMixer(MambaMixer):
@@ -146,10 +147,10 @@ class ScoutMambaMixer(MambaMixer):
         x = self.act(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.intermediate_size))
         x = x.transpose(1, 2) * keep  # (B, T, E)
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
-        dt = F.softplus(self.dt_proj(dt).float()) * keep
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(self.dt_proj(dt)) * keep
+        A = -torch.exp(self.A_log)
         y, ssm_state = selective_scan(x, dt, A, B, C, self.D, ssm_state)
-        y = y * F.silu(gate.transpose(1, 2).float())
+        y = y * F.silu(gate.transpose(1, 2).to(y.dtype))
         if cache is not None:
             cache.store_mamba_state(self.layer_idx, window[..., window.size(-1) - conv_state.size(-1):], ssm_state)
         return self.out_proj(y.to(dtype))
