@@ -100,11 +100,13 @@ def test_chunked_prefill_on_a_non_empty_cache_equals_one_prefill(mixer):
     assert cache.seen_tokens.tolist() == [9, 4, 1] and cache.get_seq_length() == 9
 
 
+@pytest.mark.parametrize("segment", [S, 1])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_left_pads_are_no_ops(mixer):
-    """A row with 4 pads in front gives the logits of the same row alone. Catches pads that become
-    checkpoints, pads counted in positions, pads that feed the Mamba state or the window."""
-    model = tiny(mixer)
+def test_left_pads_are_no_ops(mixer, segment):
+    """A row with 4 pads in front gives the logits of the same row alone. Catches pads counted in
+    positions, pads that feed the Mamba state or the window, and (S = 1, where a pad's position 0 is
+    ≡ S−1) pads that become checkpoints."""
+    model = tiny(mixer, segment_size=segment)
     ids, mask = left_padded_batch(97, [7, 3])
     with torch.no_grad():
         padded = model(input_ids=ids, attention_mask=mask).logits[1, 4:]
