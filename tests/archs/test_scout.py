@@ -98,6 +98,11 @@ def test_chunked_prefill_on_a_non_empty_cache_equals_one_prefill(mixer):
     real = mask.bool()
     torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-5, rtol=1e-5)
     assert cache.seen_tokens.tolist() == [9, 4, 1] and cache.get_seq_length() == 9
+    # generate()'s own chunked prefill takes the same path
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+               eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    whole, chunked = model.generate(**gen), model.generate(**gen, prefill_chunk_size=2)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("segment", [S, 1])
