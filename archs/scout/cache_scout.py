@@ -65,7 +65,9 @@ class ScoutLayerCache:
     def index_select(self, rows: torch.Tensor) -> None:
         for name in ("window", "checkpoints", "conv_state", "ssm_state"):
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, KVSlots):
+                setattr(self, name, value.index_select(rows))
+            elif value is not None:
                 setattr(self, name, value.index_select(0, rows))
 
 

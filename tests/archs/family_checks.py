@@ -135,3 +135,33 @@ def assert_nested_reft_corrects_exactly(model_dir: str, tokenizer, output_dir, m
     assert all(torch.isfinite(torch.tensor([row["loss"], row["correction/ess"]])).all() for row in logs)
     ratio_spread = max(r["correction/ratio_max"] for r in logs) - min(r["correction/ratio_min"] for r in logs)
     assert ratio_spread > 1e-3, "a skipped behavior model gave weights of exactly 1: skipping did nothing"
+
+
+class _PadTokenizer:
+    pad_token_id = PAD
+    eos_token_id = None
+
+
+@torch.no_grad()
+def assert_compacted_sampling_exact(model, eos_fraction: float = 0.15, compact_every: int = 3) -> None:
+    """The HF rollout engine in phases (finished rows dropped with `cache.batch_select_indices`,
+    the rest continued from the cache): the sampler's log-probs equal a teacher-forced forward of
+    each unpadded row, and rows really left the batch."""
+    from nested_reft.engines import HFEngine, SamplingSpec
+
+    model.eval()
+    vocab = model.config.vocab_size
+    eos = list(range(vocab - max(1, int(eos_fraction * vocab)), vocab))
+    engine = HFEngine(model, _PadTokenizer(), eos_token_ids=eos, compact_every=compact_every)
+    sizes = []
+    real = engine._generate_phase
+    engine._generate_phase = lambda ids, *a, **k: (sizes.append(ids.size(0)), real(ids, *a, **k))[1]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab - len(eos), (n,), generator=g).tolist() for n in (1, 2, 3, 5, 4, 1, 6, 2)]
+    out = engine.generate(prompts, SamplingSpec(max_new_tokens=4 * compact_every, temperature=1.0, seed=0))
+    assert len(sizes) >= 2 and sizes[-1] < len(prompts), sizes  # some rows finished, some went on
+    for prompt, completion, lps in zip(prompts, out.completion_ids, out.logprobs):
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), want, atol=1e-4, rtol=0)

@@ -4,6 +4,7 @@ all, and each check must fail on a model that breaks the rule it names."""
 import pytest
 import torch
 from family_checks import (
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -18,6 +19,7 @@ def test_qwen2_passes_every_family_check(small_qwen2, small_model_dir, chat_toke
     assert_rows_independent(small_qwen2)
     assert_save_load_round_trip(small_qwen2, tmp_path / "saved")
     assert_lora_trains(small_qwen2, ["q_proj", "v_proj"])
+    assert_compacted_sampling_exact(small_qwen2)
     assert_nested_reft_corrects_exactly(small_model_dir, chat_tokenizer, tmp_path, monkeypatch)
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -136,6 +137,11 @@ def test_rows_are_independent_in_forward_and_in_decode(mixer):
             for i, m in [(ids, mask), (other_ids, other_mask)]]
     assert isinstance(runs[0].past_key_values, ScoutCache)
     assert torch.equal(torch.stack(runs[0].logits)[:, 0], torch.stack(runs[1].logits)[:, 0])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(mixer):
+    assert_compacted_sampling_exact(tiny(mixer))
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
