@@ -335,8 +335,10 @@ class NestedReFTTrainer(GRPOTrainer):
             state = {"skip_policy": self.skip_policy.state_dict(), "round": self._round,
                      "skip_ratio": self.skip_controller.ratio if self.skip_controller else None,
                      "probe_due": self._probe_due, "nonfinite_steps_skipped": self.nonfinite_steps_skipped}
-            with open(os.path.join(folder, self.SKIP_STATE_FILE), "w") as f:
+            path = os.path.join(folder, self.SKIP_STATE_FILE)
+            with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
                 json.dump(state, f)
+            os.replace(path + ".tmp", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import struct
+import zipfile
 from pathlib import Path
-
-from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,65 @@ MAY_CHANGE = ("output_dir", "logging_dir", "run_name", "max_steps", "num_train_e
               "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
               "vllm_request_timeout", "vllm_server_retries")
 MAY_CHANGE_PREFIXES = ("logging_", "save_", "eval_", "hub_")
+
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (missing, truncated or unreadable files), or None.
+
+    Cheap checks that a write cut short fails: the JSON files parse, every safetensors file's
+    header parses and the file is as long as the header says, and every torch zip archive
+    (optimizer, scheduler, RNG) has its central directory, which is written last."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError) as e:
+        return f"trainer_state.json: {type(e).__name__}: {e}"
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        return "no model or adapter weights"
+    for path in folder.glob("*.json"):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path.name}: {type(e).__name__}: {e}"
+    for path in folder.glob("*.safetensors"):
+        try:
+            with path.open("rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                if n > path.stat().st_size:
+                    return f"{path.name}: header length {n} exceeds the file"
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + n + end:
+                return f"{path.name} is truncated ({path.stat().st_size} of {8 + n + end} bytes)"
+        except (OSError, ValueError, OverflowError, struct.error, KeyError, TypeError) as e:
+            return f"{path.name}: {type(e).__name__}: {e}"
+    for path in [*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]:
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is not a complete torch archive"
+    return None
+
+
+def last_valid_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that is complete. Newer ones that are not (a run killed while saving,
+    a corrupt file) are renamed `checkpoint-N.incomplete`, with a warning, so neither this run nor
+    the Trainer's rotation takes them for checkpoints."""
+    steps = sorted((int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name)))
+    for _, path in reversed(steps):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        target = path.with_name(path.name + ".incomplete")
+        n = 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}.incomplete-{n}"), n + 1
+        path.rename(target)
+        logger.warning("%s cannot be resumed from (%s): moved to %s; using the previous checkpoint", path, problem,
+                       target.name)
+    return None
 
 
 def run_record(model: str, training_args, extra: dict | None = None) -> dict:
@@ -55,7 +115,7 @@ def prepare_run_folder(output_dir: str | Path, record: dict, fresh_run: bool = F
     out = Path(output_dir)
     base, n = out, 0
     while True:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        checkpoint = last_valid_checkpoint(out) if out.is_dir() else None
         saved = out / RUN_FILE
         old = json.loads(saved.read_text()) if saved.exists() else None
         if checkpoint is None or (old is not None and not _differences(old, record)):

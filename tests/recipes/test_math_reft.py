@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from recipes.math_reft import main
 
@@ -61,6 +62,8 @@ def test_bad_values_fail_before_any_model_loads(tmp_path, capsys):
 
 
 def test_run_folder_refuses_another_runs_checkpoints_or_moves_on(tmp_path):
+    from safetensors.torch import save_file
+
     from recipes.run_folder import prepare_run_folder
 
     out = tmp_path / "run"
@@ -69,6 +72,7 @@ def test_run_folder_refuses_another_runs_checkpoints_or_moves_on(tmp_path):
     assert folder == out and resume is None
     (out / "checkpoint-4").mkdir()
     (out / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"w": torch.zeros(2)}, out / "checkpoint-4" / "model.safetensors")  # a complete checkpoint
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (3, 4, 5, 6)))
     folder, resume = prepare_run_folder(out, record)  # the same run: resume, drop rows after step 4
     assert resume.endswith("checkpoint-4")
