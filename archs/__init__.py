@@ -1,1 +1,3 @@
 """archs."""
+
+from . import dtrnet  # noqa: F401  (registers the DTRNet config and model with the Auto classes)
