@@ -26,6 +26,7 @@ from reft_kernels.routed_attention import (
     routed_attention_mask,
     routed_attention_naive,
     unpack_routed,
+    varlen_attention_flash,
     varlen_attention_torch,
 )
 
@@ -165,6 +166,20 @@ def test_reference_kernels_agree():
     out = unpack_routed(varlen_attention_torch(segments, 0.5), routed[:, 5:],
                         v[:, :, 5:].repeat_interleave(2, 1).transpose(1, 2))
     torch.testing.assert_close(out.transpose(1, 2), want[:, :, 5:], atol=1e-12, rtol=0)
+
+
+def test_flash_varlen_path_is_guarded():
+    # flash-attn is not installed here: the path says so instead of silently running something else
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash_attn is installed: this checks the guard only")
+    except ImportError:
+        pass
+    k = torch.randn(1, 2, 3, 4)
+    store = RoutedKV.empty(k)
+    store.append(k, k, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ImportError, match="flash_attn"):
+        varlen_attention_flash(pack_routed(torch.randn(1, 4, 3, 4), torch.ones(1, 3, dtype=torch.bool), store), 0.5)
 
 
 # --------------------------------------------------------------------------- whole models
