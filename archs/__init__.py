@@ -1,3 +1,7 @@
-"""archs."""
+"""Architecture families; importing `archs` registers each with the transformers Auto classes."""
 
-from . import scout  # noqa: F401  (registers model_type "scout" with the Auto classes)
+from . import (  # noqa: F401
+    dtrnet,  # DTRNet: dynamic token routing
+    integral,  # Integral attention
+    scout,  # SCOUT: mixer + checkpoint-attention double blocks
+)
