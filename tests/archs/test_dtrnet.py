@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import (
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -393,3 +394,8 @@ def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     assert_nested_reft_corrects_exactly(str(tmp_path / "model"), tok, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["masked", "packed"])
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(path):
+    assert_compacted_sampling_exact(tiny(path=path))

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -223,3 +224,7 @@ def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
     IntegralForCausalLM(config).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     assert_nested_reft_corrects_exactly(str(tmp_path / "model"), tok, tmp_path, monkeypatch)
+
+
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache():
+    assert_compacted_sampling_exact(tiny())
