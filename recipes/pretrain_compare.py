@@ -130,11 +130,11 @@ def train(model, name: str, data: bytes, args) -> dict:
         opt.zero_grad(set_to_none=True)
         seen += ids.numel()
         if step % args.log_every == 0 or step == steps - 1:
-            losses.append({"step": step, "tokens": seen, "loss": float(out.loss)})
+            losses.append({"step": step, "tokens": seen, "loss": out.loss.item()})
             routed = getattr(out, "routed_fraction", None)
             if routed is not None:
-                fractions.append({"tokens": seen, "routed_fraction": [float(x) for x in routed]})
-            bar.set_postfix(loss=f"{float(out.loss):.3f}")
+                fractions.append({"tokens": seen, "routed_fraction": routed.detach().tolist()})
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
     seconds = time.perf_counter() - start
     model.eval()
     return {"steps": steps, "tokens": seen, "seconds": seconds, "tokens_per_s": seen / seconds,
