@@ -325,6 +325,7 @@ class NestedReFTTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ checkpoints
 
     SKIP_STATE_FILE = "nested_reft_state.json"
+    ROUND_BUFFER_FILE = "nested_reft_round.pt"
 
     def _save_checkpoint(self, model, trial):
         """Also save the skip policy (RNG and history), round counter and controller, so a resumed
@@ -335,10 +336,22 @@ class NestedReFTTrainer(GRPOTrainer):
             state = {"skip_policy": self.skip_policy.state_dict(), "round": self._round,
                      "skip_ratio": self.skip_controller.ratio if self.skip_controller else None,
                      "probe_due": self._probe_due, "nonfinite_steps_skipped": self.nonfinite_steps_skipped}
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            if self._buffered_inputs is not None and self._step % generate_every:
+                # a checkpoint inside a round: keep the round's remaining batches, so a resumed run
+                # trains on them as the uninterrupted one does instead of sampling a new round
+                buffer = os.path.join(folder, self.ROUND_BUFFER_FILE)
+                torch.save({"step": self._step, "batches": self._buffered_inputs}, buffer + ".tmp")
+                os.replace(buffer + ".tmp", buffer)
             path = os.path.join(folder, self.SKIP_STATE_FILE)
             with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
                 json.dump(state, f)
             os.replace(path + ".tmp", path)
+
+    @staticmethod
+    def _checkpoint_step(checkpoint: str) -> int:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            return int(json.load(f)["global_step"])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -353,3 +366,12 @@ class NestedReFTTrainer(GRPOTrainer):
             if self.skip_controller is not None and state["skip_ratio"] is not None:
                 self.skip_controller.ratio = state["skip_ratio"]
                 self.skip_policy.set_skip_ratio(state["skip_ratio"])
+        if not checkpoint:
+            return
+        # TRL counts micro-steps from 0 in every process; a resumed run continues the count, so a
+        # new round starts where the uninterrupted run started one
+        self._step = self._checkpoint_step(checkpoint) * self.args.gradient_accumulation_steps
+        buffer = os.path.join(checkpoint, self.ROUND_BUFFER_FILE)
+        if os.path.exists(buffer):
+            saved = torch.load(buffer, map_location=self.accelerator.device, weights_only=False)
+            self._step, self._buffered_inputs = saved["step"], saved["batches"]
