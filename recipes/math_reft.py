@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
                                                     "eval_path": script_args.eval_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
+    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
+                                     required=(NestedReFTTrainer.SKIP_STATE_FILE,))
     training_args.output_dir = str(out)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,
                                                 use_peft=model_args.use_peft)

@@ -278,6 +278,9 @@ def main(argv=None) -> dict:
         raise ValueError("need train_tokens >= batch_size * seq_len, lengths >= 1 and decode_tokens >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = corpus_bytes(args.corpus_path, args.seed, min_bytes=max(200_000, 4 * args.seq_len))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m recipes.pretrain_compare " + " ".join(argv if argv is not None else [])
     results = {}
     for name in families:
         model = build_model(name, builders, args.seed).to(device)
@@ -287,17 +290,17 @@ def main(argv=None) -> dict:
         lengths = [measure_length(model, n, args.decode_tokens, device, args.repeats)
                    for n in tqdm(args.lengths, desc=f"lengths {name}")]
         results[name] = {"parameters": n_params, "train": trained, "lengths": lengths}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
-    command = "python -m recipes.pretrain_compare " + " ".join(argv if argv is not None else [])
-    (out / "pretrain_compare.json").write_text(json.dumps({"command": command, "config": vars(args),
-                                                           "device": str(device), "results": results}, indent=2))
-    (out / "pretrain_compare.md").write_text(f"`{command}` on {device}\n\n{table}\n")
-    plot(results, out / "pretrain_compare.png")
-    print(table)
+        write_outputs(out, command, args, device, results)  # after every family: a stopped run keeps its results
+    print(markdown(results))
     print(f"outputs: {out}/pretrain_compare.json, pretrain_compare.md, pretrain_compare.png")
     return results
+
+
+def write_outputs(out: Path, command: str, args, device, results: dict) -> None:
+    (out / "pretrain_compare.json").write_text(json.dumps({"command": command, "config": vars(args),
+                                                           "device": str(device), "results": results}, indent=2))
+    (out / "pretrain_compare.md").write_text(f"`{command}` on {device}\n\n{markdown(results)}\n")
+    plot(results, out / "pretrain_compare.png")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,16 @@ MAY_CHANGE_PREFIXES = ("logging_", "save_", "eval_", "hub_")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_problem(folder: Path) -> str | None:
+def checkpoint_problem(folder: Path, required: tuple[str, ...] = ()) -> str | None:
     """Why `folder` cannot be resumed from (missing, truncated or unreadable files), or None.
 
     Cheap checks that a write cut short fails: the JSON files parse, every safetensors file's
     header parses and the file is as long as the header says, and every torch zip archive
-    (optimizer, scheduler, RNG) has its central directory, which is written last."""
+    (optimizer, scheduler, RNG) has its central directory, which is written last. `required`: files
+    the recipe's trainer writes last (the Nested-ReFT state), so their absence means a cut save."""
+    for name in required:
+        if not (folder / name).exists():
+            return f"{name} is missing"
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
         int(state["global_step"])
@@ -70,13 +74,13 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def last_valid_checkpoint(folder: Path) -> str | None:
+def last_valid_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> str | None:
     """The newest checkpoint that is complete. Newer ones that are not (a run killed while saving,
     a corrupt file) are renamed `checkpoint-N.incomplete`, with a warning, so neither this run nor
     the Trainer's rotation takes them for checkpoints."""
     steps = sorted((int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name)))
     for _, path in reversed(steps):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, required)
         if problem is None:
             return str(path)
         target = path.with_name(path.name + ".incomplete")
@@ -109,13 +113,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def prepare_run_folder(output_dir: str | Path, record: dict, fresh_run: bool = False) -> tuple[Path, str | None]:
+def prepare_run_folder(output_dir: str | Path, record: dict, fresh_run: bool = False,
+                       required: tuple[str, ...] = ()) -> tuple[Path, str | None]:
     """(the folder to write into, the checkpoint to resume from or None). Raises ValueError when
     the folder holds another run's checkpoints and `fresh_run` is off."""
     out = Path(output_dir)
     base, n = out, 0
     while True:
-        checkpoint = last_valid_checkpoint(out) if out.is_dir() else None
+        checkpoint = last_valid_checkpoint(out, required) if out.is_dir() else None
         saved = out / RUN_FILE
         old = json.loads(saved.read_text()) if saved.exists() else None
         if checkpoint is None or (old is not None and not _differences(old, record)):

@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
               hint=MISSING_MODEL_HINT)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"train_path": script_args.train_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
+    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
+                                     required=(R1T1Trainer.SKIP_STATE_FILE,))
     training_args.output_dir = str(out)
     model, tokenizer = load_model(model_path, model_args, use_cpu=a.use_cpu)
 
