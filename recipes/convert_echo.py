@@ -35,6 +35,7 @@ from archs.echo.configuration_echo import resolve_kv_sharing
 from archs.echo.convert import KVSharingSchedule
 
 logger = logging.getLogger("recipes.convert_echo")
+CACHE_PROBE_LENGTHS = (1, 16, 128, 512)
 
 
 @dataclass
@@ -216,7 +217,10 @@ def main(argv=None) -> dict:
     else:
         train = synthetic_examples(tokenizer, "train", a.train_problems, a.seed)
         held = synthetic_examples(tokenizer, "test", a.eval_sequences, a.seed + 1)
-    probe = torch.tensor([held[0][0]])
+    # Cache probes: prefixes of the held-out text, up to CACHE_PROBE_LENGTHS tokens.
+    stream = [t for seq, _ in held for t in seq]
+    probes = [torch.tensor([stream[:n]]) for n in CACHE_PROBE_LENGTHS
+              if n <= min(len(stream), base.config.max_position_embeddings)]
 
     # The model before training: the original exactly, and the one-shot conversion, for reference.
     model = convert_to_echo(base, kv_sharing={}, kv_adapter=a.kv_adapter, kv_adapter_rank=a.kv_adapter_rank)
@@ -225,7 +229,7 @@ def main(argv=None) -> dict:
     loss_original = heldout_loss(base, held)
     loss_one_shot = heldout_loss(one_shot, held)
     params_original = sum(p.numel() for p in base.parameters())
-    cache_original = cache_counts(base, probe)
+    cache_original = [cache_counts(base, ids) for ids in probes]
     del one_shot
     logger.info("held-out loss: original %.4f, converted at once without training %.4f", loss_original, loss_one_shot)
 
@@ -274,7 +278,7 @@ def main(argv=None) -> dict:
 
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    cache_echo = cache_counts(model, probe)
+    cache_echo = [cache_counts(model, ids) for ids in probes]
     result = {
         "model": path, "args": asdict(a), "schedule": schedule.as_json(),
         "kv_sharing": {str(s): o for s, o in model.config.kv_sharing.items()}, "num_layers": n_layers,
@@ -282,19 +286,19 @@ def main(argv=None) -> dict:
                     "sequences": len(held)},
         "train_losses": losses, "evals": evals, "schedule_events": events,
         "parameters": {"original": params_original, "echo": sum(p.numel() for p in model.parameters())},
-        "kv_cache": {"original": cache_original, "echo": cache_echo},
+        "kv_cache": [{"tokens": c0["tokens"], "original": c0, "echo": c1} for c0, c1 in zip(cache_original, cache_echo)],
         "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds,
     }
     (out / "convert_echo.json").write_text(json.dumps(result, indent=2))
     plot(losses, evals, schedule, out / "loss_curve.png",
          f"ECHO conversion of {Path(path).name}: sharing {result['kv_sharing']}")
 
-    c0, c1 = cache_original, cache_echo
     print(f"\nECHO conversion of {path}: {n_layers} layers, sharing {result['kv_sharing']}")
     print("| | original | ECHO |\n|---|---|---|")
     print(f"| parameters | {params_original:,} | {result['parameters']['echo']:,} |")
-    print(f"| KV-cache entries ({c0['tokens']} tokens) | {c0['entries']} | {c1['entries']} |")
-    print(f"| KV-cache bytes | {c0['bytes']:,} | {c1['bytes']:,} ({1 - c1['bytes'] / c0['bytes']:.1%} less) |")
+    for c0, c1 in zip(cache_original, cache_echo):
+        print(f"| KV cache after {c0['tokens']} tokens: entries, bytes | {c0['entries']}, {c0['bytes']:,} | "
+              f"{c1['entries']}, {c1['bytes']:,} ({1 - c1['bytes'] / c0['bytes']:.2%} less) |")
     print(f"| held-out loss | {loss_original:.4f} | {evals[-1]['loss']:.4f} "
           f"(converted at once, untrained: {loss_one_shot:.4f}) |")
     print(f"\nwrote {out / 'model'}, {out / 'convert_echo.json'}, {out / 'loss_curve.png'}")

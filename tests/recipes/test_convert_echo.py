@@ -30,9 +30,10 @@ def test_recipe_converts_gradually_and_saves_a_loadable_echo_model(small_model_d
     assert all(e["optimizer_parameters"] == e["parameters"] for e in saved["schedule_events"])
     assert saved["parameters"]["echo"] == original - 2 * per_sharer
     # a real cache: 6 layers, 2 sharers -> 4 entries and exactly 4/6 of the bytes
-    cache = saved["kv_cache"]
-    assert (cache["original"]["entries"], cache["echo"]["entries"]) == (6, 4)
-    assert cache["echo"]["bytes"] * 6 == cache["original"]["bytes"] * 4
+    assert [c["tokens"] for c in saved["kv_cache"]] == [1, 16, 128, 512]
+    for c in saved["kv_cache"]:
+        assert (c["original"]["entries"], c["echo"]["entries"]) == (6, 4)
+        assert c["echo"]["bytes"] * 6 == c["original"]["bytes"] * 4 and c["echo"]["bytes"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0
 
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
