@@ -299,16 +299,16 @@ def test_schedule_before_its_step_is_the_original_and_after_it_the_sharing_model
     ids, mask = left_padded_batch(VOCAB, [4, 7])
     pos = content_positions(mask)
     original = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    first, both = (convert_to_echo(base, kv_sharing=m).eval()(input_ids=ids, attention_mask=mask).logits
+                   for m in ({5: 4}, {3: 2, 5: 4}))
     n_before = sum(p.numel() for p in model.parameters())
     for step in range(6):
         removed, added = schedule.apply(model, step)
         got = model(input_ids=ids, attention_mask=mask).logits
         if step < 2:
             assert torch.equal(got, original) and not removed
-        elif step < 4:
-            assert torch.equal(got, convert_to_echo(base, kv_sharing={5: 4}).eval()(input_ids=ids, attention_mask=mask).logits)
         else:
-            assert torch.equal(got, convert_to_echo(base, kv_sharing={3: 2, 5: 4}).eval()(input_ids=ids, attention_mask=mask).logits)
+            assert torch.equal(got, first if step < 4 else both)
         if step in (2, 4):  # exactly that sharer's k/v weights (and nothing else) are gone from then on
             assert len(removed) == 2 and not added and all(p.shape == (16, 32) for p in removed)
     assert model.config.kv_sharing == {3: 2, 5: 4}
