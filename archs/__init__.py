@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     dtrnet,  # DTRNet: dynamic token routing
+    echo,  # ECHO: layers that read an earlier layer's K/V
     integral,  # Integral attention
     scout,  # SCOUT: mixer + checkpoint-attention double blocks
 )
