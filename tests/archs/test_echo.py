@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -426,3 +427,7 @@ def test_nested_reft_corrects_exactly(small_qwen2, chat_tokenizer, tmp_path, mon
     model.save_pretrained(tmp_path / "echo")
     chat_tokenizer.save_pretrained(tmp_path / "echo")
     assert_nested_reft_corrects_exactly(str(tmp_path / "echo"), chat_tokenizer, tmp_path, monkeypatch)
+
+
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(shared_llama):
+    assert_compacted_sampling_exact(shared_llama)
