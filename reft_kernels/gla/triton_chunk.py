@@ -29,6 +29,10 @@ except ImportError:  # pragma: no cover - triton is in the dev extra and on GPU 
 constexpr = tl.constexpr if tl is not None else int  # kernel annotations; plain int without triton
 
 BLOCK_T = 16  # tokens per chunk (tl.dot needs at least 16)
+# tl.sum / tl.cumsum / tl.zeros / tl.cdiv are jitted when triton is imported, in the mode of that moment, so they
+# cannot run under an interpreter switched on later (tests set TRITON_INTERPRET per test): the kernel
+# calls tl.reduce / tl.associative_scan, which the interpreter patches, with the sum combiner directly.
+_SUM = tl.standard._sum_combine if tl is not None else None
 
 
 def _chunk_gla_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, T,
@@ -45,10 +49,10 @@ def _chunk_gla_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, sca
     if HAS_H0:
         b_h = tl.load(h0_ptr + p_h, mask=m_h, other=0.0)
     else:
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h = tl.full([BK, BV], 0.0, tl.float32)
     o_c = tl.arange(0, BT)
     causal = o_c[:, None] >= o_c[None, :]
-    for i_t in range(0, tl.cdiv(T, BT)):
+    for i_t in range(0, (T + BT - 1) // BT):
         o_t = i_t * BT + o_c
         m_t = o_t < T
         p_qk = i_bh * T * K + o_t[:, None] * K + o_k[None, :]
@@ -59,13 +63,13 @@ def _chunk_gla_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, sca
         p_v = i_bh * T * V + o_t[:, None] * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
-        b_G = tl.cumsum(b_g, axis=0)
+        b_G = tl.associative_scan(b_g, 0, _SUM)  # tl.cumsum
         b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision="ieee")
         diff = tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf"))
-        b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp(diff), axis=2)
+        b_A = tl.reduce(b_q[:, None, :] * b_k[None, :, :] * tl.exp(diff), 2, _SUM)  # tl.sum(axis=2)
         b_o += tl.dot(b_A, b_v, input_precision="ieee")
         tl.store(o_ptr + p_v, b_o * scale, mask=m_tv)
-        b_last = tl.sum(b_g, axis=0)
+        b_last = tl.reduce(b_g, 0, _SUM)
         b_kd = b_k * tl.exp(b_last[None, :] - b_G)
         b_h = b_h * tl.exp(b_last)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision="ieee")
     tl.store(ht_ptr + p_h, b_h, mask=m_h)
