@@ -38,7 +38,7 @@ class ReglaConfig(PreTrainedConfig):
         Multiply the normalised output by SiLU(W_og x) before W_o.
     norm_type (`str`, defaults to `"rmsnorm"`):
         The per-head output normalisation: `"rmsnorm"` or `"layernorm"` (eps `rms_norm_eps`).
-    chunk_size (`int`, defaults to 32):
+    chunk_size (`int`, defaults to 16):
         Tokens per chunk of the chunked GLA form (prefill and training; decode is one recurrent step).
     gla_backend (`str`, defaults to `"torch"`):
         The chunked form: `"torch"` (plain torch), `"triton"` (our kernel, CUDA or TRITON_INTERPRET=1)
@@ -83,7 +83,7 @@ class ReglaConfig(PreTrainedConfig):
     gate_rank: int | None = 16
     output_gate: bool = True
     norm_type: str = "rmsnorm"
-    chunk_size: int = 32
+    chunk_size: int = 16
     gla_backend: str = "torch"
     softmax_layers: list[int] | str | None = None
 

@@ -18,7 +18,7 @@ import torch
 
 from .recurrent import _check, accumulator_dtype
 
-DEFAULT_CHUNK_SIZE = 32
+DEFAULT_CHUNK_SIZE = 16
 
 
 def _pairwise_decay(G: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:

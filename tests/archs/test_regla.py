@@ -72,7 +72,7 @@ def test_config_rejects_bad_values_with_a_clear_error(bad, message):
 def test_config_defaults():
     c = ReglaConfig()
     assert (c.feature_dim, c.head_dim, c.gate_axis, c.refining_gate, c.gate_rank, c.output_gate, c.norm_type,
-            c.chunk_size, c.gla_backend, c.softmax_layers) == (64, 64, "key", True, 16, True, "rmsnorm", 32, "torch", [])
+            c.chunk_size, c.gla_backend, c.softmax_layers) == (64, 64, "key", True, 16, True, "rmsnorm", 16, "torch", [])
     assert ReglaConfig(softmax_layers="half").softmax_layers == [1, 3, 5, 7, 9, 11]
     assert dict(c.auto_map) == {} and "auto_map" not in c.to_dict()  # what TRL's loader reads
     assert math.isclose(variance_scale(16), 1 / (math.e * math.sqrt(16 * (math.e**2 - 1))))
