@@ -228,6 +228,9 @@ def plot(result: dict, path: Path) -> None:
                  color=color, label=name)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
+    lengths = [r["tokens"] for r in result["memory"]["by_model"]["regla"]]
+    ax2.set_xticks(lengths, [str(n) for n in lengths])
+    ax2.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax2.set_xlabel("tokens seen")
     ax2.set_ylabel("cache bytes (batch 1)")
     ax2.set_title("decode cache against length", fontsize=10)
