@@ -123,10 +123,10 @@ class ReglaAttention(nn.Module):
     def output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """W_o · (Norm(o) per head, · SiLU(W_og x)); o (B, H, T, Dv)."""
         b, _, t, _ = o.shape
-        o = self.norm(o.transpose(1, 2))
+        o = self.norm(o.transpose(1, 2).to(hidden_states.dtype))  # in the model's dtype (LlamaRMSNorm upcasts itself)
         if self.out_gate_proj is not None:
-            o = o * F.silu(self.out_gate_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).to(o.dtype))
-        return self.o_proj(o.reshape(b, t, -1).to(hidden_states.dtype))
+            o = o * F.silu(self.out_gate_proj(hidden_states).view(b, t, self.num_heads, self.head_dim))
+        return self.o_proj(o.reshape(b, t, -1))
 
 
 class ReglaDecoderLayer(GradientCheckpointingLayer):

@@ -573,3 +573,20 @@ def test_training_forward_has_finite_gradients_with_saturated_gates():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_bfloat16_model_trains_and_decodes_with_a_float32_state(norm_type):
+    """bf16 weights: forward, backward and generate run with finite values; the GLA state and the
+    running max stay float32 in the cache."""
+    model = tiny("hybrid", norm_type=norm_type, dtype=torch.bfloat16)
+    ids, mask = left_padded_batch(VOCAB, [6, 3])
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=True)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    state, running_max = out.past_key_values.gla_state(0)
+    assert state.dtype == running_max.dtype == torch.float32
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert gen.shape == (2, ids.size(1) + 4)
