@@ -330,6 +330,28 @@ def test_decode_matches_full_forward_across_chunk_boundaries(kind):
     assert_decode_matches_forward(model, prompt_lengths=[2], new_tokens=5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_prefill_on_a_non_empty_cache_equals_one_prefill(kind):
+    """Prefill in pieces of 1, 3 and 5 columns (across chunk boundaries, continuing S and m) = one
+    prefill (1e-5); generate(prefill_chunk_size=2) = generate()."""
+    model = tiny(kind)
+    ids, mask = left_padded_batch(VOCAB, [9, 4, 1])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        cache, parts = None, []
+        for lo, hi in [(0, 1), (1, 4), (4, 9)]:
+            out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-5, rtol=1e-5)
+    assert cache.seen_tokens.tolist() == [9, 4, 1] and cache.get_seq_length() == 9
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+               eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    whole, chunked = model.generate(**gen), model.generate(**gen, prefill_chunk_size=2)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(gate_axis="value"), dict(norm_type="layernorm", output_gate=False), dict(gate_rank=None, feature_dim=6),
     dict(refining_gate=False),
