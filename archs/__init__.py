@@ -4,5 +4,6 @@ from . import (  # noqa: F401
     dtrnet,  # DTRNet: dynamic token routing
     echo,  # ECHO: layers that read an earlier layer's K/V
     integral,  # Integral attention
+    regla,  # ReGLA: gated linear attention (and softmax hybrids)
     scout,  # SCOUT: mixer + checkpoint-attention double blocks
 )
