@@ -85,7 +85,8 @@ class ReglaCache(Cache):
 
     def store_gla_state(self, layer_idx: int, state: torch.Tensor, running_max: torch.Tensor) -> None:
         slot = self.layer(layer_idx)
-        slot.state, slot.running_max = state, running_max
+        # copies of views: a slice of the prefill's per-position maxima would keep all N of them alive
+        slot.state, slot.running_max = state, running_max.clone()
 
     # ------------------------------------------------------------------ softmax layers
 

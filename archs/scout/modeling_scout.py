@@ -152,7 +152,9 @@ class ScoutMambaMixer(MambaMixer):
         y, ssm_state = selective_scan(x, dt, A, B, C, self.D, ssm_state)
         y = y * F.silu(gate.transpose(1, 2).to(y.dtype))
         if cache is not None:
-            cache.store_mamba_state(self.layer_idx, window[..., window.size(-1) - conv_state.size(-1):], ssm_state)
+            # a copy: a view of the window would keep the whole prefill's activations alive in the cache
+            cache.store_mamba_state(self.layer_idx, window[..., window.size(-1) - conv_state.size(-1):].clone(),
+                                    ssm_state)
         return self.out_proj(y.to(dtype))
 
 

@@ -165,3 +165,28 @@ def assert_compacted_sampling_exact(model, eos_fraction: float = 0.15, compact_e
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), want, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def assert_cache_owns_its_storage(model, lengths=(40, 33)) -> None:
+    """Every tensor the family's cache keeps after a prefill owns its storage: a slice of a prefill
+    activation (a conv window, per-position maxima) would keep the whole activation alive, so the
+    cache would grow with N although its own tensors do not."""
+    model.eval()
+    ids, mask = left_padded_batch(model.config.vocab_size, list(lengths))
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=PAD,
+                         eos_token_id=None, return_dict_in_generate=True)
+    tensors, stack = [], [out.past_key_values]
+    while stack:
+        obj = stack.pop()
+        if torch.is_tensor(obj):
+            tensors.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            stack.extend(vars(obj).values())
+    assert tensors
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (tuple(t.shape), t.untyped_storage().nbytes())

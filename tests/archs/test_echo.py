@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_cache_owns_its_storage,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
@@ -431,3 +432,7 @@ def test_nested_reft_corrects_exactly(small_qwen2, chat_tokenizer, tmp_path, mon
 
 def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(shared_llama):
     assert_compacted_sampling_exact(shared_llama)
+
+
+def test_the_cache_holds_no_view_of_the_prefill(shared_llama):
+    assert_cache_owns_its_storage(shared_llama)

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_cache_owns_its_storage,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
@@ -228,3 +229,7 @@ def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
 
 def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache():
     assert_compacted_sampling_exact(tiny())
+
+
+def test_the_cache_holds_no_view_of_the_prefill():
+    assert_cache_owns_its_storage(tiny())

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_cache_owns_its_storage,
     assert_decode_matches_forward,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
@@ -612,3 +613,9 @@ def test_bfloat16_model_trains_and_decodes_with_a_float32_state(norm_type):
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                          eos_token_id=None)
     assert gen.shape == (2, ids.size(1) + 4)
+
+
+@pytest.mark.parametrize("kind", ["pure", "hybrid"])
+def test_the_cache_holds_no_view_of_the_prefill(kind):
+    """Found at N = 4096: the running maximum was a view of the prefill's per-position maxima."""
+    assert_cache_owns_its_storage(tiny(kind))

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from family_checks import (
+    assert_cache_owns_its_storage,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
@@ -437,3 +438,9 @@ def test_generate_refuses_other_caches_and_bad_masks():
         model(input_ids=ids, attention_mask=mask[:, None, None, :].bool())
     with pytest.raises(NotImplementedError, match="rolled back"):
         ScoutCache(model.config).crop(1)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_cache_holds_no_view_of_the_prefill(mixer):
+    """Found at N = 4096: the Mamba conv state was a view of the prefill window (8.6 MiB, not O(1))."""
+    assert_cache_owns_its_storage(tiny(mixer))
