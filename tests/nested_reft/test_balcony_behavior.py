@@ -141,6 +141,7 @@ def _length_reward(completions, **kwargs):
     return [float(len(c[0]["content"] if isinstance(c, list) else c) % 5) for c in completions]
 
 
+@pytest.mark.slow
 def test_nested_reft_steps_with_a_balcony_behavior_model(small_model_dir, chat_tokenizer, tmp_path):
     """Two optimizer steps sampled through trained exit 3 (loaded from disk), re-distilled after each
     update: the correction weights are finite and spread around 1 (ESS < 1), and the μ the trainer
