@@ -71,7 +71,7 @@ class BalconyHFEngine(HFEngine):
     def __init__(self, policy: nn.Module, tokenizer, *, exit: int | None = None, exits_path: str | None = None,
                  warmup_steps: int = 0, redistill_steps: int = 0, lr: float = 5e-4, kl_reduction: str = "token_mean",
                  distill_batch_size: int = 32, eos_token_ids: Iterable[int] | None = None, batch_size: int = 64,
-                 compact_every: int = 0):
+                 compact_every: int = 0, cache_implementation: str | None = None):
         if hasattr(policy, "peft_config"):
             raise ValueError("behavior='balcony' runs the policy's own layers under an exit; with PEFT (use_peft) it is "
                              "not supported yet: use behavior='skip'")
@@ -81,7 +81,7 @@ class BalconyHFEngine(HFEngine):
             raise ValueError(f"need warmup_steps >= 0, redistill_steps >= 0, distill_batch_size >= 1 and lr > 0, got "
                              f"{warmup_steps!r}, {redistill_steps!r}, {distill_batch_size!r}, {lr!r}")
         super().__init__(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=batch_size, score_logprobs=True,
-                         compact_every=compact_every)
+                         compact_every=compact_every, cache_implementation=cache_implementation)
         if exits_path is not None:
             self.exits = read_exits(policy, exits_path)
             k = self.exits.depths[0] if exit is None else exit

@@ -84,10 +84,11 @@ def oracle_exit_logits(model, exits, k, ids, mask):
 
 
 def test_default_exits_scale_the_released_15_18_21_of_32():
-    """Catches: Python's round (4.5 -> 4 gives 8 layers [4]), no clamp, floor instead of rounding."""
+    """Catches: Python's half-to-even round (16 layers: 10.5 -> 10), no clamp, floor instead of rounding."""
     assert default_exits(32) == [15, 18, 21]
     assert default_exits(28) == [13, 16, 18]  # 13.1, 15.75, 18.4
-    assert default_exits(8) == [4, 5]  # 3.75, 4.5, 5.25: two depths round to 5... and 4
+    assert default_exits(16) == [8, 9, 11]  # 7.5, 9, 10.5: halves round up
+    assert default_exits(8) == [4, 5]  # 3.75, 4.5, 5.25: two of them give 5, one exit
     assert default_exits(4) == [2, 3]  # 1.9, 2.25, 2.6
     assert default_exits(4, keep_first=3) == [3]  # clamped up to keep_first
     assert default_exits(3, keep_first=0) == [1, 2]

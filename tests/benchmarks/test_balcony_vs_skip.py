@@ -36,3 +36,6 @@ def test_benchmark_runs_at_tiny_settings(small_model_dir, tmp_path):
     md = (out / "balcony_vs_skip.md").read_text()
     assert md.count("\n") == 5 and "Balcony exit 3" in md and "skip 2 of 6 layers" in md
     assert json.loads((out / "balcony_vs_skip.json").read_text())["exit"] == 3
+    again = bench.main(["--model_name_or_path", small_model_dir, "--seeds", "0", "--reuse_runs", "--jobs", "1",
+                        "--throughput_prompts", "2", "--throughput_tokens", "4", "--repeats", "1", "--out", str(out)])
+    assert [r["after"] for r in again["rows"]] == [r["after"] for r in payload["rows"]]  # runs re-read, not re-run
