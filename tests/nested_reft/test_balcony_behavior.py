@@ -141,6 +141,28 @@ def _length_reward(completions, **kwargs):
     return [float(len(c[0]["content"] if isinstance(c, list) else c) % 5) for c in completions]
 
 
+def test_an_exit_equal_to_the_full_model_gives_weights_of_exactly_one(small_model_dir, chat_tokenizer, tmp_path):
+    """Exit L − 1 of a fresh model is the full model itself (its layer is a copy of the last layer, fed the
+    last layer's input; its norm, layers[L−1].input_layernorm, equals the final norm: both ones). Through
+    the whole correction path every ratio π_old/μ is then 1 to float error. Catches: μ shifted by one
+    token, μ of another position or row, π_old taken from the exit."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    assert torch.equal(base.model.layers[5].input_layernorm.weight, base.model.norm.weight)
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}]} for i in range(4)])
+    trainer = NestedReFTTrainer(
+        model=small_model_dir, reward_funcs=_length_reward, processing_class=chat_tokenizer, train_dataset=prompts,
+        args=NestedReFTConfig(output_dir=str(tmp_path), behavior="balcony", balcony_exit=5, balcony_warmup_steps=0,
+                              correction="tis", **SHARED),
+    )
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    m = trainer._metrics["train"]
+    assert abs(m["correction/ratio_min"][0] - 1) < 1e-4 and abs(m["correction/ratio_max"][0] - 1) < 1e-4, (
+        m["correction/ratio_min"], m["correction/ratio_max"])
+
+
 @pytest.mark.slow
 def test_nested_reft_steps_with_a_balcony_behavior_model(small_model_dir, chat_tokenizer, tmp_path):
     """Two optimizer steps sampled through trained exit 3 (loaded from disk), re-distilled after each
