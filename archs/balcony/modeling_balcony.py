@@ -281,7 +281,7 @@ def read_exits(model: nn.Module, path: str | Path) -> BalconyExits:
     not attached, the model untouched."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not (path / EXITS_FILE).is_file():
         raise FileNotFoundError(f"no Balcony exits at {str(path)!r} (expected {EXITS_FILE} and config.json, "
                                 "written by save_exits / recipes/train_balcony.py)")
