@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
+from archs.balcony import KL_REDUCTIONS
+
 from .corrections import METHODS
 from .skipping import MODES
 
 ENGINES = ("hf", "vllm", "vllm_server")
-BEHAVIORS = ("skip", "pot")
+BEHAVIORS = ("skip", "pot", "balcony")
 BEHAVIOR_LOGPROBS = ("sampler", "rescore")
 
 
@@ -35,9 +37,16 @@ class NestedReFTConfig(GRPOConfig):
     skip_mode: str = field(default="random", metadata={"help": f"How the skip set is drawn: one of {MODES}.", "choices": list(MODES)})
     skip_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layers to skip with skip_mode='fixed'."})
     skip_seed: int | None = field(default=None, metadata={"help": "Seed of the skip-set draws (default: `seed`). Every draw is logged, so runs replay."})
-    behavior: str = field(default="skip", metadata={"help": f"Behavior-model family: one of {BEHAVIORS}. 'skip': the policy itself with the skip set removed. 'pot': a power-of-two-quantized copy of the policy (pot_bits), re-quantized from the policy's weights after every optimizer step, also layer-skipped when skip_ratio > 0 (engine 'hf' only).", "choices": list(BEHAVIORS)})
+    behavior: str = field(default="skip", metadata={"help": f"Behavior-model family: one of {BEHAVIORS}. 'skip': the policy itself with the skip set removed. 'pot': a power-of-two-quantized copy of the policy (pot_bits), re-quantized from the policy's weights after every optimizer step, also layer-skipped when skip_ratio > 0 (engine 'hf' only). 'balcony': Balcony exit balcony_exit of the policy (its first k layers, then the exit's layer and norm; docs/architectures/balcony.md), engine 'hf', skip_ratio 0.", "choices": list(BEHAVIORS)})
     pot_bits: int = field(default=4, metadata={"help": "behavior='pot': bits per weight (2, 3 or 4: 1 sign bit plus exponent bits)."})
     pot_group_size: int = field(default=128, metadata={"help": "behavior='pot': weights sharing one fp16 scale, along the input dimension."})
+    balcony_exit: int | None = field(default=None, metadata={"help": "behavior='balcony': the exit k that samples (runs layers 0..k-1 plus its own layer). Default: the shallowest exit of balcony_exits_path, or round(15/32 * L)."})
+    balcony_exits_path: str | None = field(default=None, metadata={"help": "behavior='balcony': trained exits (recipes/train_balcony.py, save_exits). Unset: a new exit, a copy of the policy's last layer."})
+    balcony_warmup_steps: int = field(default=50, metadata={"help": "behavior='balcony': steps of self-distillation before the first round, on the full policy's completions for that round's prompts (0: none)."})
+    balcony_redistill_steps: int = field(default=0, metadata={"help": "behavior='balcony': distillation steps on the latest round after each policy update; 0: the exit stays frozen during RL."})
+    balcony_lr: float = field(default=5e-4, metadata={"help": "behavior='balcony': AdamW learning rate of the exit (the released 5e-4; cosine over the warm-up, constant when re-distilling)."})
+    balcony_kl_reduction: str = field(default="token_mean", metadata={"help": f"behavior='balcony': one of {KL_REDUCTIONS}: the KL averaged over completion tokens, or the released sum over all positions / batch size.", "choices": list(KL_REDUCTIONS)})
+    balcony_distill_batch_size: int = field(default=32, metadata={"help": "behavior='balcony': sequences per distillation step."})
     # --- off-policy correction
     correction: str = field(default="tis", metadata={"help": f"Per-token correction weight: one of {METHODS}. 'none' treats behavior samples as on-policy (biased ablation).", "choices": list(METHODS)})
     clip: float | None = field(default=None, metadata={"help": "C: cap of the importance ratio for tis / seq_tis / seq_is, and the [1/C, C] band of seq_mask; 'inf' is untruncated. Default: 2.0, or inf for seq_is (its unbiased setting)."})
@@ -82,6 +91,7 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError(f"pot_bits must be 2, 3 or 4, got {self.pot_bits!r}")
         if self.pot_group_size < 1:
             raise ValueError(f"pot_group_size must be >= 1, got {self.pot_group_size!r}")
+        self.validate_balcony()
         if not 0 <= self.skip_ratio < 1:
             raise ValueError(f"skip_ratio must be in [0, 1), got {self.skip_ratio!r}")
         if (self.skip_k_min is None) != (self.skip_k_max is None):
@@ -113,6 +123,27 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError("use_vllm=True selects TRL's own vLLM path; Nested-ReFT samples through its own engine (set `engine`)")
         if self.loss_type == "vespo":
             raise ValueError("loss_type='vespo' computes its own importance weights; use grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")
+
+    def validate_balcony(self) -> None:
+        if self.behavior != "balcony":
+            if self.balcony_exit is not None or self.balcony_exits_path is not None:
+                raise ValueError(f"balcony_exit / balcony_exits_path are used only with behavior='balcony', got behavior={self.behavior!r}")
+            return
+        if self.engine != "hf":
+            raise ValueError(f"behavior='balcony' samples through an in-process exit of the policy: it needs engine='hf', got {self.engine!r}")
+        if self.skip_ratio or self.skip_k_min is not None or self.skip_mode == "fixed" or self.correction == "ess_adaptive":
+            raise ValueError(f"behavior='balcony' samples through exit k, not a skip set: set skip_ratio=0 (got {self.skip_ratio!r}), "
+                             "no skip_k_min/skip_k_max, skip_mode other than 'fixed' and a correction other than 'ess_adaptive'")
+        if self.balcony_exit is not None and (isinstance(self.balcony_exit, bool) or self.balcony_exit < 1):
+            raise ValueError(f"balcony_exit must be >= 1 (exit k runs layers 0..k-1), got {self.balcony_exit!r}")
+        if self.balcony_warmup_steps < 0 or self.balcony_redistill_steps < 0:
+            raise ValueError(f"balcony_warmup_steps and balcony_redistill_steps must be >= 0, got "
+                             f"{self.balcony_warmup_steps!r}, {self.balcony_redistill_steps!r}")
+        if not self.balcony_lr > 0 or self.balcony_distill_batch_size < 1:
+            raise ValueError(f"need balcony_lr > 0 and balcony_distill_batch_size >= 1, got {self.balcony_lr!r}, "
+                             f"{self.balcony_distill_batch_size!r}")
+        if self.balcony_kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"balcony_kl_reduction must be one of {KL_REDUCTIONS}, got {self.balcony_kl_reduction!r}")
 
     def validate_sampler(self) -> None:
         """Every sampler setting is forwarded to the engine and to μ, or rejected here."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 import archs  # noqa: F401  (registers the architecture families with the Auto classes)
+from nested_reft.engines.balcony import check_balcony_args
 from nested_reft.skipping import LayerSkipPolicy
 
 
@@ -80,6 +81,9 @@ def check_engine_and_sharding(args, use_peft: bool) -> None:
     if use_peft and getattr(args, "behavior", "skip") == "pot":
         raise ValueError("behavior='pot' quantizes a full copy of the policy; with use_peft the adapters would not "
                          "be in it: use behavior='skip' with PEFT, or train without PEFT")
+    if use_peft and getattr(args, "behavior", "skip") == "balcony":
+        raise ValueError("behavior='balcony' with use_peft is not supported (the exit is built on the plain base): use "
+                         "behavior='skip' with PEFT, or train without PEFT")
 
 
 def preflight(model_path: str, args, prompts: list, use_peft: bool = False, revision: str | None = None,
@@ -89,6 +93,7 @@ def preflight(model_path: str, args, prompts: list, use_peft: bool = False, revi
     check_engine_and_sharding(args, use_peft)
     config = AutoConfig.from_pretrained(model_path, revision=revision)
     check_skip_policy(config.num_hidden_layers, args)
+    check_balcony_args(config.num_hidden_layers, args)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
     check_prompt_lengths(tokenizer, prompts, getattr(config, "max_position_embeddings", None),
                          args.max_completion_length)

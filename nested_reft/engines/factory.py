@@ -36,6 +36,15 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids) -> RolloutEn
         return PoTHFEngine(policy, tokenizer, bits=args.pot_bits, group_size=args.pot_group_size,
                            eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size, auto_sync=False,
                            compact_every=getattr(args, "rollout_compact_every", 0))
+    if getattr(args, "behavior", "skip") == "balcony":  # validated: engine is 'hf', nothing skipped
+        from .balcony import BalconyHFEngine
+
+        return BalconyHFEngine(policy, tokenizer, exit=args.balcony_exit, exits_path=args.balcony_exits_path,
+                               warmup_steps=args.balcony_warmup_steps, redistill_steps=args.balcony_redistill_steps,
+                               lr=args.balcony_lr, kl_reduction=args.balcony_kl_reduction,
+                               distill_batch_size=args.balcony_distill_batch_size, eos_token_ids=eos_token_ids,
+                               batch_size=args.rollout_batch_size, compact_every=getattr(args, "rollout_compact_every", 0),
+                               cache_implementation=getattr(args, "cache_implementation", None))
     if args.engine == "hf":
         return HFEngine(policy, tokenizer, eos_token_ids=eos_token_ids, batch_size=args.rollout_batch_size,
                         score_logprobs=score, cache_implementation=getattr(args, "cache_implementation", None),
