@@ -2,8 +2,7 @@
 package registers the exits' config (`model_type="balcony"`) with `AutoConfig`; the exits attach to
 an existing model (`add_exits`, `load_exits`) instead of being a model class of their own."""
 
-from transformers import AutoConfig
-
+from ..registry import register_family
 from .configuration_balcony import BLOCKS, INITS, KL_REDUCTIONS, BalconyConfig
 from .modeling_balcony import (
     DEFAULT_EXIT_FRACTIONS,
@@ -23,7 +22,7 @@ from .modeling_balcony import (
     use_exit,
 )
 
-AutoConfig.register(BalconyConfig.model_type, BalconyConfig, exist_ok=True)
+register_family(BalconyConfig)
 
 __all__ = [
     "BLOCKS", "DEFAULT_EXIT_FRACTIONS", "EXITS_FILE", "INITS", "KL_REDUCTIONS", "BalconyConfig", "BalconyExit",

@@ -9,10 +9,6 @@ exits load onto the base they were trained on and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import ClassVar
-
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -38,8 +34,6 @@ class BalconyConfig(PreTrainedConfig):
     """
 
     model_type = "balcony"
-    # TRL / transformers read `config.auto_map`; a config registered in-process has none.
-    auto_map: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     exits: list[int] | None = None
     init: str = "last_layer"

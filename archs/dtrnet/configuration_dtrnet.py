@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
@@ -34,9 +32,6 @@ class DTRNetConfig(LlamaConfig):
     """
 
     model_type = "dtrnet"
-    # TRL's create_model_from_path reads `config.auto_map` for architectures transformers does not ship;
-    # transformers 5.19 configs only have it when it was saved. Empty = no remote code: AutoModelForCausalLM.
-    auto_map = MappingProxyType({})
 
     dense_layers: list[int] | None = None
     aux_loss_coef: float = 8e-4

@@ -3,8 +3,6 @@ earlier layer (their owner) instead of computing their own (docs/architectures/e
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
@@ -80,9 +78,6 @@ class EchoConfig(LlamaConfig):
     """
 
     model_type = "echo"
-    # TRL's create_model_from_path takes any architecture transformers does not ship for remote code
-    # and reads `config.auto_map`; empty here (not serialised), so it falls back to AutoModelForCausalLM.
-    auto_map = MappingProxyType({})
 
     base_model_type: str = "llama"
     kv_sharing: dict | str | None = None

@@ -1,7 +1,6 @@
 """Integral attention (SPEC §6) in a Llama-shaped model; registered with the Auto classes on import."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
+from ..registry import register_family
 from .configuration_integral import IntegralConfig
 from .modeling_integral import (
            IntegralAttention,
@@ -11,8 +10,7 @@ from .modeling_integral import (
 )
 from .reference import integral_attention_signals
 
-AutoConfig.register(IntegralConfig.model_type, IntegralConfig, exist_ok=True)
-AutoModelForCausalLM.register(IntegralConfig, IntegralForCausalLM, exist_ok=True)
+register_family(IntegralConfig, IntegralForCausalLM)
 
 __all__ = ["IntegralAttention", "IntegralConfig", "IntegralForCausalLM", "IntegralModel", "IntegralPreTrainedModel",
            "integral_attention_signals"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
@@ -29,9 +27,6 @@ class IntegralConfig(LlamaConfig):
     """
 
     model_type = "integral"
-    # TRL's create_model_from_path reads `config.auto_map` for architectures transformers does not ship;
-    # transformers 5.19 configs only have it when it was saved. Empty = no remote code: AutoModelForCausalLM.
-    auto_map = MappingProxyType({})
 
     integral_layers: list[int] | None = None
     num_signals: int = 8

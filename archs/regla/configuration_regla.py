@@ -7,8 +7,6 @@ Llama's softmax attention (the hybrid).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -52,10 +50,6 @@ class ReglaConfig(PreTrainedConfig):
     model_type = "regla"
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta: ClassVar[float] = 10_000.0
-    # TRL 1.16 reads `config.auto_map` when loading a model by path whose architecture is not one of
-    # transformers' own, and transformers then tests `name in config.auto_map`; a config registered
-    # in-process has none, so answer "no remote code" with an empty read-only mapping.
-    auto_map: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     vocab_size: int = 32000
     hidden_size: int = 768

@@ -8,8 +8,6 @@ each token attend to itself and to the checkpoint tokens before it (content posi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -38,10 +36,6 @@ class ScoutConfig(PreTrainedConfig):
     model_type = "scout"
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta: ClassVar[float] = 1_000_000.0
-    # TRL 1.16 reads `config.auto_map` when loading a model by path whose architecture is not one of
-    # transformers' own, and transformers then tests `name in config.auto_map`; a config registered
-    # in-process has none, so answer "no remote code" with an empty read-only mapping.
-    auto_map: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     vocab_size: int = 32000
     hidden_size: int = 768
