@@ -97,7 +97,7 @@ def test_quality_is_clipped_at_zero_by_the_formula():
 
     orig = t.quality
     try:
-        t.quality = lambda hyps, refs, srcs, metric, comet_model: [-0.7 for _ in hyps]
+        t.quality = lambda hyps, refs, srcs, **kw: [-0.7 for _ in hyps]
         assert translation_reward([GOOD], ["s"], ["r"]) == [pytest.approx(0.2)]
     finally:
         t.quality = orig
@@ -143,3 +143,77 @@ def test_extract_answer_strict_and_lenient():
     assert extract_answer(broken) == ""
     assert extract_answer(broken, strict=False) == "two"
     assert extract_answer("no tags", strict=False) == ""
+
+
+# ------------------------------------------------------------------ the authors' gate and the pre-fill
+
+
+@pytest.mark.parametrize("text", [
+    "Sure. <think>t</think> then <answer>x</answer> done",  # text before, between and after
+    "<think></think><answer>x</answer>",  # an empty think
+    "<think>t</think><answer></answer>",  # an empty answer: valid, earns the 0.2 only
+])
+def test_authors_gate_accepts_what_the_released_check_accepts(text):
+    assert format_valid(text, gate="authors")
+    assert not format_valid(text, gate="strict")
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a</think><think>b</think><answer>x</answer>",  # a tag twice
+    "<answer>x</answer><think>t</think>",  # out of order
+    "<think>t</answer><answer>x</think>",  # interleaved
+    "<think>t</think>x",  # no answer
+])
+def test_authors_gate_rejects_counts_and_order(text):
+    assert not format_valid(text, gate="authors")
+
+
+def test_authors_gate_reward_formula():
+    # empty answer: 0.2, never Q; a real answer: 0.2 + round(chrF, 2), text around the tags ignored
+    assert translation_reward(["<think>t</think><answer> </answer>"], ["s"], ["ref"], gate="authors") == [pytest.approx(0.2)]
+    ref, hyp = "die Hunde sahen einen Ball", "die Hunde sahen Ball"
+    q = round(CHRF().sentence_score(hyp, [ref]).score / 100, 2)
+    got = translation_reward([f"ok <think>t</think>\n<answer>\n{hyp}\n</answer> bye"], ["s"], [ref], gate="authors")
+    assert got == [pytest.approx(0.2 + q)]
+    assert translation_reward([f"ok <think>t</think><answer>{hyp}</answer> bye"], ["s"], [ref]) == [0.0]
+
+
+def test_prefilled_think_is_read_before_the_completion():
+    # the prompt ends in "<think>": the completion starts inside the think block
+    completion = "reasoning</think><answer>vato mira</answer>"
+    assert translation_reward([completion], ["s"], ["vato mira"]) == [0.0]
+    assert translation_reward([completion], ["s"], ["vato mira"], prefix="<think>") == [pytest.approx(1.2)]
+    assert translation_reward([completion], ["s"], ["vato mira"], gate="authors", prefix="<think>") == [pytest.approx(1.2)]
+    # a model that repeats the pre-filled tag has two <think>: invalid under both gates
+    assert not format_valid("<think>" + completion, gate="authors", prefix="<think>")
+
+
+def test_unknown_gate_is_one_clear_error():
+    with pytest.raises(ValueError, match="'lenient'"):
+        make_translation_reward(gate="lenient")
+
+
+# ------------------------------------------------------------------ BLEU tokenised for the target language
+
+
+def test_bleu_uses_the_target_languages_tokenizer():
+    from sacrebleu.metrics import BLEU
+
+    from rewards.translation import bleu_tokenizer
+
+    assert bleu_tokenizer("zh") == "zh" and bleu_tokenizer("ja") == "ja-mecab" and bleu_tokenizer("kr") == "ko-mecab"
+    assert bleu_tokenizer("de") == "13a" and bleu_tokenizer("zh", "flores200") == "flores200"
+    ref, hyp = "今天天气很好我们去公园", "今天天气好我们去公园"
+    comp = f"<think>t</think><answer>{hyp}</answer>"
+    zh = BLEU(tokenize="zh", effective_order=True).sentence_score(hyp, [ref]).score / 100
+    plain = BLEU(effective_order=True).sentence_score(hyp, [ref]).score / 100
+    assert round(zh, 2) != round(plain, 2)  # 13a sees one "word": the test can tell the tokenizers apart
+    got = translation_reward([comp, comp], ["s", "s"], [ref, ref], metric="bleu", tgt_lang=["zh", "de"])
+    assert got == [pytest.approx(0.2 + round(zh, 2)), pytest.approx(0.2 + round(plain, 2))]
+    reward = make_translation_reward("bleu", target_languages=["zh"])
+    assert reward([comp], src=["s"], ref=[ref], tgt_lang=["zh"]) == [pytest.approx(0.2 + round(zh, 2))]
+
+
+def test_missing_or_unknown_bleu_tokenizer_fails_before_training():
+    with pytest.raises(ValueError, match="'nonsense'"):
+        make_translation_reward("bleu", bleu_tokenize="nonsense")
