@@ -30,14 +30,26 @@ class MathEvalResult:
         return out
 
 
+def render_chat(prompt, tokenizer) -> str:
+    """A prompt as text. Chat messages get the generation prompt, or, when they end on an assistant
+    turn (a pre-fill such as R1-T1's `<think>`), that turn is continued; strings pass through."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list, *, temperature: float = 0.0,
                          max_new_tokens: int = 128, batch_size: int = 64, seed: int = 0,
-                         progress: bool = False, desc: str = "generating") -> tuple[list[str], int]:
+                         progress: bool = False, desc: str = "generating", top_k: int = 0,
+                         top_p: float = 1.0) -> tuple[list[str], int]:
     """Completions (decoded text) for chat prompts; returns (texts, generated token count).
 
-    temperature 0 means greedy. Sampling uses the full distribution (no top-k / top-p), the
-    same distribution GRPO samples from.
+    temperature 0 means greedy. Sampling uses the full distribution by default (top_k 0, top_p 1:
+    the distribution GRPO samples from); evaluation presets may truncate it (R1-T1's authors
+    decode at temperature 0.1, top-k 64, top-p 0.75).
     """
     was_training = model.training
     model.eval()
@@ -46,12 +58,9 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
     texts, n_tokens = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         batch = prompts[start : start + batch_size]
-        rendered = [
-            p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in batch
-        ]
+        rendered = [render_chat(p, tokenizer) for p in batch]
         enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
         completion_ids = out[:, enc["input_ids"].shape[1] :]

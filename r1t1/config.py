@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nested_reft.config import NestedReFTConfig
-from rewards.translation import METRICS
+from rewards.translation import FORMAT_GATES, METRICS
 
 from .templates import SELECTION_MODES, TEMPLATE_NAMES
 
@@ -21,7 +21,8 @@ class R1T1Config(NestedReFTConfig):
     per sequence from the reward before group advantages (the paper's KL-constrained reward).
     Defaults are the authors' released settings (SPEC §2): β 0.001 with k3 in the loss,
     temperature 0.8, 8 rollouts per prompt, lr 4e-7 (7B-class), responses up to 8000 tokens,
-    2 epochs, full-model rollouts. Set skip_ratio > 0 to sample rollouts from layer-skipped copies
+    2 epochs, full-model rollouts, their format gate (docs/r1t1.md lists each setting: theirs,
+    ours, and the option that switches). Set skip_ratio > 0 to sample rollouts from layer-skipped copies
     of the policy (Nested-ReFT, an option here).
     """
 
@@ -39,6 +40,10 @@ class R1T1Config(NestedReFTConfig):
     templates: list[str] | None = field(default=None, metadata={"help": "The templates template_mode='random' draws from (default: all six)."})
     reward_metric: str = field(default="chrf", metadata={"help": f"Quality Q of the format-gated reward: one of {METRICS}. 'comet' needs comet_model.", "choices": list(METRICS)})
     comet_model: str | None = field(default=None, metadata={"help": "Local COMET checkpoint (a .ckpt file or a model folder) for reward_metric='comet'."})
+    comet_batch_size: int = field(default=32, metadata={"help": "Sentences per COMET forward (reward_metric='comet')."})
+    comet_gpus: int | None = field(default=None, metadata={"help": "GPUs COMET scores on (default: 1 when there is a GPU, else 0)."})
+    format_gate: str = field(default="authors", metadata={"help": f"Format check of the reward: one of {FORMAT_GATES}. 'authors' (the released code): each of the four tags once, in order, text around them allowed, an empty answer still earns the 0.2. 'strict' [ours]: only whitespace outside the blocks, both non-empty.", "choices": list(FORMAT_GATES)})
+    bleu_tokenize: str | None = field(default=None, metadata={"help": "sacrebleu tokenizer of reward_metric='bleu' (default: the target language's own: zh, ja-mecab, ko-mecab, else 13a; e.g. 'flores200')."})
 
     def __post_init__(self):
         self.validate_r1t1()
@@ -52,6 +57,10 @@ class R1T1Config(NestedReFTConfig):
         for name in [self.template] + list(self.templates or []):
             if name not in TEMPLATE_NAMES:
                 raise ValueError(f"unknown template {name!r}; templates are {', '.join(TEMPLATE_NAMES)}")
+        if self.format_gate not in FORMAT_GATES:
+            raise ValueError(f"format_gate must be one of {FORMAT_GATES}, got {self.format_gate!r}")
+        if self.comet_batch_size < 1 or (self.comet_gpus is not None and self.comet_gpus < 0):
+            raise ValueError(f"need comet_batch_size >= 1 and comet_gpus >= 0, got {self.comet_batch_size!r}, {self.comet_gpus!r}")
         if self.reward_metric not in METRICS:
             raise ValueError(f"reward_metric must be one of {METRICS}, got {self.reward_metric!r}")
         if self.reward_metric == "comet" and not self.comet_model:

@@ -1,10 +1,13 @@
 """Translation data: Flores folders, parallel TSV / JSONL, CoT corpora, and direction lists.
 
 - Flores-101: `{root}/{split}/{lang}.{split}` with ISO 639-3 stems (`eng.devtest`);
-  Flores-200: the same with `eng_Latn.devtest`. One sentence per line, lines aligned across languages.
+  Flores-200: the same with `eng_Latn.devtest`; the released R1-T1 script's flat files
+  `{root}/flores.{code}` (`flores.en`, `flores.kr`). One sentence per line, aligned across languages.
 - Parallel TSV: `src<TAB>tgt` per line (an optional header `src\ttgt[\tsrc_lang\ttgt_lang]`).
 - Parallel JSONL: objects with `src`, `tgt` and optional `src_lang`, `tgt_lang`.
 - CoT JSONL (supervised cold start): `src`, `tgt`, `template`, `cot` (+ optional languages).
+- The authors' released CoT corpus: a JSON array of `instruction`, `input`, `source_lang`,
+  `target_lang`, `target_text`, `thought_chains`, `output` (`load_authors_cot`).
 
 Every error names the file, the line and the bad value. Loaders return plain lists of dicts with
 `src`, `tgt`, `src_lang`, `tgt_lang` (and `template`, `cot` for CoT corpora).
@@ -16,8 +19,8 @@ import json
 from itertools import permutations
 from pathlib import Path
 
-from .languages import language
-from .templates import TEMPLATE_NAMES
+from .languages import PAPER_LANGUAGES, PAPER_PIVOTS, language
+from .templates import TEMPLATE_NAMES, identify_template
 
 FLORES_SPLITS = ("dev", "devtest")
 
@@ -44,9 +47,24 @@ def parse_direction(direction: str) -> tuple[str, str]:
     return src_lang.code, tgt_lang.code
 
 
-def directions(langs, mode: str = "xx-en", pivot: str = "en") -> list[tuple[str, str]]:
-    """Direction lists: 'xx-en' (every language into the pivot), 'en-xx' (out of it), 'both', or
-    'all' (every ordered pair). `langs` may include the pivot; it is never paired with itself."""
+DIRECTION_MODES = ("xx-en", "en-xx", "both", "all", "paper")
+
+
+def paper_directions(langs=PAPER_LANGUAGES, pivots=PAPER_PIVOTS) -> list[tuple[str, str]]:
+    """The released evaluation grid: every non-pivot language into and out of each pivot, then the
+    pivots into each other (21 languages, pivots en and zh: 19·2·2 + 2 = 78 directions)."""
+    hubs = [language(p).code for p in pivots]
+    others = [c for c in dict.fromkeys(language(lang).code for lang in langs) if c not in hubs]
+    between = [(b, a) for a in hubs for b in hubs if a != b]  # zh-en, en-zh
+    return [(c, h) for c in others for h in hubs] + [(h, c) for h in hubs for c in others] + between
+
+
+def directions(langs=PAPER_LANGUAGES, mode: str = "xx-en", pivot: str = "en") -> list[tuple[str, str]]:
+    """Direction lists: 'xx-en' (every language into the pivot), 'en-xx' (out of it), 'both',
+    'all' (every ordered pair), or 'paper' (the released grid, pivots en and zh: `paper_directions`).
+    `langs` may include the pivot; it is never paired with itself."""
+    if mode == "paper":
+        return paper_directions(langs)
     codes = list(dict.fromkeys(language(lang).code for lang in langs))
     hub = language(pivot).code
     others = [c for c in codes if c != hub]
@@ -59,7 +77,7 @@ def directions(langs, mode: str = "xx-en", pivot: str = "en") -> list[tuple[str,
     elif mode == "all":
         out = list(permutations(codes, 2))
     else:
-        raise ValueError(f"direction mode must be 'xx-en', 'en-xx', 'both' or 'all', got {mode!r}")
+        raise ValueError(f"direction mode must be one of {DIRECTION_MODES}, got {mode!r}")
     if not out:
         raise ValueError(f"no directions: languages {list(langs)!r} with mode {mode!r} and pivot {pivot!r}")
     return out
@@ -69,7 +87,8 @@ def directions(langs, mode: str = "xx-en", pivot: str = "en") -> list[tuple[str,
 
 
 def flores_file(root: str | Path, lang: str, split: str = "devtest") -> Path:
-    """The Flores file of `lang` in `root`: Flores-200 name first, then Flores-101, then the code."""
+    """The Flores file of `lang` in `root`: Flores-200 name first, then Flores-101, then the code,
+    then the released script's flat `flores.{code}` (its files are devtest; any alias, e.g. `kr`)."""
     if split not in FLORES_SPLITS:
         raise ValueError(f"Flores split must be one of {FLORES_SPLITS}, got {split!r}")
     root = Path(root)
@@ -83,6 +102,11 @@ def flores_file(root: str | Path, lang: str, split: str = "devtest") -> Path:
             tried.append(str(path))
             if path.is_file():
                 return path
+    for tag in dict.fromkeys((lang_.code, *lang_.aliases)) if split == "devtest" else ():
+        path = root / f"flores.{tag}"
+        tried.append(str(path))
+        if path.is_file():
+            return path
     raise FileNotFoundError(f"no Flores file for {lang!r} ({split}); tried {', '.join(tried)}")
 
 
@@ -193,6 +217,37 @@ def load_cot_jsonl(path: str | Path, src_lang: str | None = None, tgt_lang: str 
             raise ValueError(f"{where}: unknown template {template!r}; templates are {', '.join(TEMPLATE_NAMES)}")
         rows.append({"src": _text_field(obj, "src", where), "tgt": _text_field(obj, "tgt", where),
                      "src_lang": src, "tgt_lang": tgt, "template": template, "cot": _text_field(obj, "cot", where)})
+    if not rows:
+        raise ValueError(f"{path} has no examples")
+    return rows
+
+
+def load_authors_cot(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The authors' released CoT corpus (a JSON array): rows with `src`, `tgt`, `src_lang`, `tgt_lang`,
+    `template` (identified from `thought_chains`; None when no pattern matches), `cot` (the think
+    text), `completion` (their `output`, as released) and `prompt_text` (their `instruction` + input)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CoT corpus {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of examples, got {type(data).__name__}")
+    rows = []
+    for i, obj in enumerate(data[:limit] if limit is not None else data):
+        where = f"{path}: example {i}"
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+        src, tgt = _langs(obj.get("source_lang"), obj.get("target_lang"), None, None, where)
+        output = _text_field(obj, "output", where)
+        think = output.split("<think>", 1)[-1].split("</think>", 1)[0].strip() if "</think>" in output else ""
+        rows.append({"src": _text_field(obj, "input", where), "tgt": _text_field(obj, "target_text", where),
+                     "src_lang": src, "tgt_lang": tgt,
+                     "template": identify_template(obj.get("thought_chains") or ""),
+                     "cot": think, "completion": output,
+                     "prompt_text": f"{_text_field(obj, 'instruction', where).rstrip()}\n{obj['input']}"})
     if not rows:
         raise ValueError(f"{path} has no examples")
     return rows

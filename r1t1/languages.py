@@ -1,7 +1,7 @@
 """Language codes and names: ISO 639-1, Flores-101 (ISO 639-3) and Flores-200 (`xxx_Script`).
 
 `language("de")`, `language("deu")`, `language("deu_Latn")` and `language("German")` all give the
-same `Language`. Unknown names fail with one error that names the value and the known codes.
+same `Language`; the authors' tags (`kr` for Korean) and names (`Malaysian`, `Turkey`) are aliases. Unknown names fail with one error that names the value and the known codes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ class Language:
     flores101: str  # Flores-101 file stem, e.g. "deu" (deu.devtest)
     flores200: str  # Flores-200 file stem, e.g. "deu_Latn" (deu_Latn.devtest)
     name: str  # English name, shown to the model in prompts
+    aliases: tuple[str, ...] = ()  # other tags accepted for it (the authors' `kr` for Korean)
 
 
 # The toy language of the embedded default (archs/tiny/translation_task.py). `qtl` sits in
@@ -30,20 +31,28 @@ _TABLE = [
     ("pl", "pol", "pol_Latn", "Polish"), ("cs", "ces", "ces_Latn", "Czech"),
     ("ro", "ron", "ron_Latn", "Romanian"), ("hu", "hun", "hun_Latn", "Hungarian"),
     ("el", "ell", "ell_Grek", "Greek"), ("ru", "rus", "rus_Cyrl", "Russian"),
-    ("uk", "ukr", "ukr_Cyrl", "Ukrainian"), ("tr", "tur", "tur_Latn", "Turkish"),
+    ("uk", "ukr", "ukr_Cyrl", "Ukrainian"), ("tr", "tur", "tur_Latn", "Turkish", ("Turkey",)),
     ("ar", "ara", "arb_Arab", "Arabic"), ("he", "heb", "heb_Hebr", "Hebrew"),
     ("hi", "hin", "hin_Deva", "Hindi"), ("bn", "ben", "ben_Beng", "Bengali"),
     ("zh", "zho_simpl", "zho_Hans", "Chinese"), ("zt", "zho_trad", "zho_Hant", "Traditional Chinese"),
-    ("ja", "jpn", "jpn_Jpan", "Japanese"), ("ko", "kor", "kor_Hang", "Korean"),
+    ("ja", "jpn", "jpn_Jpan", "Japanese"), ("ko", "kor", "kor_Hang", "Korean", ("kr",)),
     ("vi", "vie", "vie_Latn", "Vietnamese"), ("th", "tha", "tha_Thai", "Thai"),
-    ("id", "ind", "ind_Latn", "Indonesian"), ("ms", "msa", "zsm_Latn", "Malay"),
+    ("id", "ind", "ind_Latn", "Indonesian"), ("ms", "msa", "zsm_Latn", "Malay", ("Malaysian",)),
+    ("tl", "tgl", "tgl_Latn", "Tagalog", ("fil", "Filipino")),
     ("sw", "swh", "swh_Latn", "Swahili"), ("fa", "fas", "pes_Arab", "Persian"),
 ]
 LANGUAGES: tuple[Language, ...] = tuple(Language(*row) for row in _TABLE) + (TOY,)
 
+# The 21 languages of the paper's Flores-101 evaluation, in the released script's order (its
+# `kr` is our `ko`), its two pivots, and the six languages of the released training data.
+PAPER_LANGUAGES = ("ar", "de", "es", "fr", "it", "ja", "ko", "pt", "ru", "th", "tr",
+                   "en", "zh", "nl", "pl", "ms", "id", "el", "cs", "vi", "tl")
+PAPER_PIVOTS = ("en", "zh")
+PAPER_SEEN_LANGUAGES = ("en", "zh", "fr", "de", "ru", "ja")
+
 _INDEX: dict[str, Language] = {}
 for _lang in LANGUAGES:
-    for _key in (_lang.code, _lang.flores101, _lang.flores200, _lang.name):
+    for _key in (_lang.code, _lang.flores101, _lang.flores200, _lang.name, *_lang.aliases):
         _INDEX[_key.lower()] = _lang
 
 

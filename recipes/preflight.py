@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import archs  # noqa: F401  (registers the architecture families with the Auto classes)
 from nested_reft.engines.balcony import check_balcony_args
+from nested_reft.evaluation import render_chat
 from nested_reft.skipping import LayerSkipPolicy
 
 
@@ -46,9 +47,8 @@ def check_prompt_lengths(tokenizer, prompts: list, context: int | None, max_comp
         return
     longest, where = 0, 0
     for i, prompt in enumerate(prompts):
-        ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-               if conversational else tokenizer(prompt)["input_ids"])
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        text = render_chat(prompt, tokenizer) if conversational else prompt  # a pre-filled turn is continued
+        ids = tokenizer(text, add_special_tokens=not conversational)["input_ids"]
         if len(ids) > longest:
             longest, where = len(ids), i
     budget = max_completion_length or 0

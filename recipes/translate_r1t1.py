@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from nested_reft.evaluation import render_chat
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
 from r1t1.config import R1T1Config
 from r1t1.data import load_parallel
@@ -40,9 +41,11 @@ from recipes.translation_common import (
     plot,
     print_table,
     prompt_rows,
+    reward_prefix,
     set_threads,
+    toy_system_prompt,
 )
-from rewards.translation import format_reward, make_translation_reward
+from rewards.translation import make_format_reward, make_translation_reward
 
 logger = logging.getLogger("recipes.translate_r1t1")
 
@@ -80,15 +83,20 @@ def main(argv=None) -> dict:
     selector = TemplateSelector(a.template_mode, a.template, a.templates, seed=a.seed)
     if script_args.train_path:
         pairs = load_parallel(script_args.train_path, script_args.src_lang, script_args.tgt_lang)
-        rows = prompt_rows(pairs[: script_args.train_limit], selector, script_args.system_prompt)
+        rows = prompt_rows(pairs[: script_args.train_limit], selector, script_args)
     else:
         rows = toy_rows("train", script_args.train_limit or script_args.toy_train_size, seed=script_args.tiny_seed + 1,
-                        selector=selector, system_prompt=script_args.system_prompt or None)
-    train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows])
+                        selector=selector, system_prompt=toy_system_prompt(script_args))
+    rows = [{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows]
     test = held_out_rows(script_args, selector, corpus=script_args.train_path)
-    quality_reward = make_translation_reward(a.reward_metric, a.comet_model)
+    prefix = reward_prefix(script_args, real_data=script_args.train_path is not None)
+    reward_kwargs = dict(gate=a.format_gate, prefix=prefix)
+    quality_reward = make_translation_reward(a.reward_metric, a.comet_model, bleu_tokenize=a.bleu_tokenize,
+                                             target_languages={r["tgt_lang"] for r in rows},
+                                             comet_batch_size=a.comet_batch_size, comet_gpus=a.comet_gpus, **reward_kwargs)
+    preflight_prompts = [r["prompt"] for r in rows]
     model_path = model_args.model_name_or_path or embedded_model(script_args)
-    preflight(model_path, a, train["prompt"], use_peft=model_args.use_peft, revision=model_args.model_revision,
+    preflight(model_path, a, preflight_prompts, use_peft=model_args.use_peft, revision=model_args.model_revision,
               hint=MISSING_MODEL_HINT)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"train_path": script_args.train_path})
@@ -96,6 +104,9 @@ def main(argv=None) -> dict:
                                      required=(R1T1Trainer.SKIP_STATE_FILE,))
     training_args.output_dir = str(out)
     model, tokenizer = load_model(model_path, model_args, use_cpu=a.use_cpu)
+    if prefix:  # TRL renders chat prompts with a fresh generation prompt: pass pre-filled ones as text
+        rows = [{**r, "prompt": render_chat(r["prompt"], tokenizer)} for r in rows]
+    train = datasets.Dataset.from_list(rows)
 
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -103,21 +114,22 @@ def main(argv=None) -> dict:
         before = previous["before"]
         logger.info("resuming from %s", resume)
     else:
-        before = held_out(model, tokenizer, test, script_args, "before GRPO", a.seed)
+        before = held_out(model, tokenizer, test, script_args, "before GRPO", a.seed, gate=a.format_gate)
         summary_path.write_text(json.dumps({"before": before}, indent=2))
 
-    trainer = R1T1Trainer(model=model, reward_funcs=[quality_reward, format_reward], args=a, train_dataset=train,
+    trainer = R1T1Trainer(model=model, reward_funcs=[quality_reward, make_format_reward(**reward_kwargs)], args=a, train_dataset=train,
                           processing_class=tokenizer, peft_config=get_peft_config(model_args),
                           callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
-    after = held_out(trainer.model, tokenizer, test, script_args, "after GRPO", a.seed)
+    after = held_out(trainer.model, tokenizer, test, script_args, "after GRPO", a.seed, gate=a.format_gate)
 
     steps = trainer.state.global_step
     summary = {"stage": "grpo", "model": model_path, "kl_mode": a.kl_mode, "beta": a.beta,
                "reward_metric": a.reward_metric, "template_mode": a.template_mode, "skip_ratio": a.skip_ratio,
+               "format_gate": a.format_gate, "prompt_style": script_args.prompt_style if script_args.train_path else "toy",
                "steps": steps, "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, steps),
                "before": before, "after": after, "chrf_gain": after["greedy"]["chrf"] - before["greedy"]["chrf"]}
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -22,7 +22,7 @@ import datasets
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
-from r1t1.data import load_cot_jsonl
+from r1t1.data import load_authors_cot, load_cot_jsonl
 from r1t1.templates import SELECTION_MODES, TemplateSelector, build_prompt, format_completion
 from r1t1.toy import toy_rows
 from recipes.run_folder import prepare_run_folder, run_record
@@ -35,6 +35,7 @@ from recipes.translation_common import (
     plot,
     print_table,
     set_threads,
+    toy_system_prompt,
 )
 
 logger = logging.getLogger("recipes.translate_sft")
@@ -48,7 +49,7 @@ SFT_PANELS = (
 
 @dataclass
 class TranslateSFTArguments(TranslationDataArguments):
-    cot_path: str | None = field(default=None, metadata={"help": "CoT corpus (JSONL: src, tgt, template, cot[, src_lang, tgt_lang]). Default: generated Toylang traces."})
+    cot_path: str | None = field(default=None, metadata={"help": "CoT corpus: ours (.jsonl: src, tgt, template, cot[, src_lang, tgt_lang]; prompts in prompt_style) or the authors' released one (.json array: instruction, input, source_lang, target_lang, target_text, thought_chains, output; their prompts and outputs as released). Default: generated Toylang traces."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
     toy_train_size: int = field(default=20_000, metadata={"help": "Generated Toylang training examples (no cot_path)."})
     template_mode: str = field(default="random", metadata={"help": f"Template of each generated Toylang example and held-out prompt: one of {SELECTION_MODES[:2]}.", "choices": list(SELECTION_MODES[:2])})
@@ -57,15 +58,25 @@ class TranslateSFTArguments(TranslationDataArguments):
 
 
 def sft_rows(a: TranslateSFTArguments, selector: TemplateSelector, seed: int) -> list[dict]:
-    """Prompt-completion rows (conversational) for TRL's SFTTrainer: loss on the completion only."""
+    """Prompt-completion rows (conversational) for TRL's SFTTrainer: loss on the completion only.
+    The cold start teaches the whole assistant turn, `<think>` included: a GRPO prompt that pre-fills
+    `<think>` (prompt_style 'authors') then continues where the cold-start data did."""
     if a.cot_path is None:
         rows = toy_rows("train", a.toy_train_size, seed=a.tiny_seed, selector=selector, with_cot=True,
-                        system_prompt=a.system_prompt or None)
+                        system_prompt=toy_system_prompt(a))
         rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    elif Path(a.cot_path).suffix.lower() == ".json":  # the authors' corpus: their prompts and outputs
+        rows = [{"prompt": [{"role": "user", "content": r["prompt_text"]}],
+                 "completion": [{"role": "assistant", "content": r["completion"]}]}
+                for r in load_authors_cot(a.cot_path)]
     else:
-        rows = [{"prompt": build_prompt(r["src"], r["src_lang"], r["tgt_lang"], r["template"], a.system_prompt or None),
-                 "completion": [{"role": "assistant", "content": format_completion(r["cot"], r["tgt"])}]}
-                for r in load_cot_jsonl(a.cot_path, a.src_lang, a.tgt_lang)]
+        rows = []
+        for r in load_cot_jsonl(a.cot_path, a.src_lang, a.tgt_lang):
+            prompt = build_prompt(r["src"], r["src_lang"], r["tgt_lang"], r["template"], a.system_prompt or None,
+                                  style=a.prompt_style, template_in_prompt=a.template_in_prompt)
+            prompt = [m for m in prompt if m["role"] != "assistant"]  # the completion carries the whole turn
+            rows.append({"prompt": prompt,
+                         "completion": [{"role": "assistant", "content": format_completion(r["cot"], r["tgt"])}]})
     return rows[: a.train_limit] if a.train_limit is not None else rows
 
 

@@ -10,7 +10,7 @@ import torch
 from nested_reft.reporting import plot_training
 from r1t1.data import load_flores, load_parallel
 from r1t1.evaluation import TranslationScores, evaluate_translation
-from r1t1.templates import SYSTEM_PROMPT, TemplateSelector, build_prompt
+from r1t1.templates import PREFILL, PROMPT_STYLES, SYSTEM_PROMPT, TemplateSelector, build_prompt
 from r1t1.toy import build_toy_model, toy_rows
 
 logger = logging.getLogger("recipes.translation")
@@ -28,7 +28,9 @@ class TranslationDataArguments:
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call in the held-out evaluation."})
     eval_sampled: bool = field(default=True, metadata={"help": "Also report chrF of sampled translations (temperature 1), the quality GRPO's groups see."})
-    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "System message of every prompt ('' for none)."})
+    prompt_style: str = field(default="authors", metadata={"help": f"Prompts of real data: one of {PROMPT_STYLES}. 'authors': their system message and wording, the assistant turn pre-filled with <think>. 'ours': our system message and 'Translate from X to Y:'. The embedded Toylang runs always use their own prompts.", "choices": list(PROMPT_STYLES)})
+    template_in_prompt: bool = field(default=False, metadata={"help": "Show the selected template's steps in the prompt [ours]; the authors' prompts carry none (templates shape the cold-start data only)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message of every prompt (default: the prompt style's own; '' for none)."})
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build and of the Toylang data."})
     fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
@@ -42,14 +44,25 @@ def set_threads(a: TranslationDataArguments) -> None:
         torch.set_num_threads(a.torch_threads)
 
 
-def prompt_rows(rows: list[dict], selector: TemplateSelector, system_prompt: str | None) -> list[dict]:
-    """Add `prompt` (chat messages, the selected template) and `ref` to loaded pairs."""
+def toy_system_prompt(a) -> str | None:
+    """The system message of the Toylang prompts: ours unless one is given ('' for none)."""
+    return SYSTEM_PROMPT if a.system_prompt is None else (a.system_prompt or None)
+
+
+def prompt_rows(rows: list[dict], selector: TemplateSelector, a) -> list[dict]:
+    """Add `prompt` (chat messages in `a.prompt_style`, the selected template) and `ref` to loaded pairs."""
     out = []
     for r in rows:
         template = selector.select(r["src"], r["src_lang"], r["tgt_lang"])
-        out.append({**r, "ref": r["tgt"], "template": template.name,
-                    "prompt": build_prompt(r["src"], r["src_lang"], r["tgt_lang"], template, system_prompt or None)})
+        prompt = build_prompt(r["src"], r["src_lang"], r["tgt_lang"], template, a.system_prompt or None,
+                              style=a.prompt_style, template_in_prompt=a.template_in_prompt)
+        out.append({**r, "ref": r["tgt"], "template": template.name, "prompt": prompt})
     return out
+
+
+def reward_prefix(a, real_data: bool) -> str:
+    """What the prompts pre-fill in the assistant turn, which the reward reads before each completion."""
+    return PREFILL if real_data and a.prompt_style == "authors" else ""
 
 
 def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpus: str | None = None) -> list[dict]:
@@ -66,8 +79,8 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpu
     elif a.eval_path:
         rows = load_parallel(a.eval_path, a.src_lang, a.tgt_lang)[: a.eval_limit]
     else:
-        return toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=a.system_prompt or None)
-    return prompt_rows(rows, selector, a.system_prompt)
+        return toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=toy_system_prompt(a))
+    return prompt_rows(rows, selector, a)
 
 
 MISSING_MODEL_HINT = (" (for the R1-T1 default, run `python -m recipes.translate_sft --config "
@@ -87,15 +100,16 @@ def embedded_model(a: TranslationDataArguments) -> str:
     return str(build_toy_model(a.tiny_cache_dir, seed=a.tiny_seed))
 
 
-def held_out(model, tokenizer, rows, a: TranslationDataArguments, label: str, seed: int) -> dict:
-    """Greedy (and optionally sampled) held-out scores, logged and returned as a dict."""
+def held_out(model, tokenizer, rows, a: TranslationDataArguments, label: str, seed: int, gate: str = "strict") -> dict:
+    """Greedy (and optionally sampled) held-out scores, logged and returned as a dict; `gate` is the
+    reward's format check (the format rate and mean reward are reported under it)."""
     out = {}
     for kind, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         if kind == "sampled" and not a.eval_sampled:
             continue
         s: TranslationScores = evaluate_translation(model, tokenizer, rows, temperature=temperature,
                                                     max_new_tokens=a.eval_max_new_tokens,
-                                                    batch_size=a.eval_batch_size, seed=seed, progress=True)
+                                                    batch_size=a.eval_batch_size, seed=seed, progress=True, gate=gate)
         logger.info("held-out %s %s: chrF %.2f, BLEU %.2f, format %.1f%%, reward %.3f (%d sentences)", kind, label,
                     s.chrf, s.bleu, 100 * s.format_rate, s.mean_reward, s.n)
         out[kind] = s.as_dict()

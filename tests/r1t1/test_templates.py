@@ -21,9 +21,14 @@ from rewards.translation import extract_answer, format_valid, translation_reward
 def test_six_templates_in_spec_order_with_steps():
     assert TEMPLATE_NAMES == ("hierarchical", "triangulating", "back_translation", "context_aware",
                               "explanation", "structural")
-    assert TEMPLATES["hierarchical"].steps[0] == "core elements" and TEMPLATES["hierarchical"].steps[-1] == "final review"
-    assert len(TEMPLATES["back_translation"].steps) == 6
-    assert all(t.instruction and t.example and len(t.steps) >= 3 for t in TEMPLATES.values())
+    # the released step lists: six steps each, back translation seven (its "repeat until aligned")
+    assert {n: len(t.steps) for n, t in TEMPLATES.items()} == {
+        "hierarchical": 6, "triangulating": 6, "back_translation": 7, "context_aware": 6, "explanation": 6, "structural": 6}
+    assert "primary structure" in TEMPLATES["hierarchical"].steps[0]
+    assert "intermediate language structure" in TEMPLATES["triangulating"].steps[1]
+    assert "repeat until" in TEMPLATES["back_translation"].steps[-1]
+    assert "explain the rationale" in TEMPLATES["explanation"].steps[3]
+    assert all(t.instruction and t.example for t in TEMPLATES.values())
     with pytest.raises(ValueError, match="unknown template 'haiku'"):
         get_template("haiku")
 
@@ -106,3 +111,57 @@ def test_toy_rows_carry_prompt_reference_and_cot():
         assert r["completion"][0]["content"] == format_completion(r["cot"], r["ref"])
         assert r["cot"] == toy_cot(next(p for p in generate_pairs(12, seed=0) if p.src == r["src"]), r["template"])
     assert len({r["template"] for r in rows}) > 1
+
+
+# ------------------------------------------------------------------ the authors' prompt and the released step lists
+
+RELEASED_FIRST_STEPS = {  # the first two steps of each pattern, as worded in the released CoT corpus
+    "context_aware": "1. Analyze the sentence in light of previous and subsequent sentences to establish a clear "
+                     "understanding of the overall context.\n2. Consider any dialogue-specific details",
+    "structural": "1. Begin by analyzing the sentence in the source language to determine if it uses an active or "
+                  "passive construction.\n2. If the sentence is in the active voice, decide",
+    "hierarchical": "1. Start by identifying the sentence's primary structure and translate the simplest elements.\n"
+                    "2. Check the translation for basic accuracy (focus on nouns, verbs, and connectors).",
+    "back_translation": "1. Start by analyzing the sentence structure and key concepts in the original source "
+                        "context.\n2. Translate the source text into the target language, ensuring accuracy and "
+                        "clarity.\n3. Conduct a back translation from the target language",
+    "triangulating": "1. Translate the basic elements.\n2. Use an intermediate language structure with simple "
+                     "syntactic rules.",
+    "explanation": "1. Identify the key elements.\n2. Decide between a literal and an idiomatic strategy.",
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_FIRST_STEPS))
+def test_released_step_lists_are_identified(name):
+    from r1t1.templates import identify_template
+
+    assert identify_template(RELEASED_FIRST_STEPS[name]) == name
+    assert identify_template("Translate it.") is None
+
+
+def test_authors_prompt_prefills_think_and_carries_no_template():
+    from r1t1.templates import AUTHORS_SYSTEM_PROMPT, PREFILL, build_prompt, prefill_of, steps_text
+
+    msgs = build_prompt("Der Hund schläft.", "de", "en", "structural", system_prompt=None, style="authors",
+                        template_in_prompt=False)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[0]["content"] == AUTHORS_SYSTEM_PROMPT and msgs[2]["content"] == PREFILL == prefill_of(msgs)
+    assert msgs[1]["content"] == "Please translate the following German Source sentence into English.\nSource sentence: Der Hund schläft."
+    assert "active or a passive" not in msgs[1]["content"]
+    with_steps = build_prompt("Der Hund schläft.", "de", "en", "structural", None, style="authors", template_in_prompt=True)
+    assert steps_text("structural") in with_steps[1]["content"] and steps_text("structural").count("\n") == 5
+    ours = build_prompt("Der Hund schläft.", "de", "en", "structural", style="ours", template_in_prompt=False)
+    assert prefill_of(ours) == "" and TEMPLATES["structural"].instruction not in ours[-1]["content"]
+    with pytest.raises(ValueError, match="'mine'"):
+        build_prompt("x", "de", "en", style="mine")
+
+
+def test_rendered_prefill_is_continued_not_closed(chat_tokenizer):
+    from nested_reft.evaluation import render_chat
+    from r1t1.templates import build_prompt
+
+    msgs = build_prompt("Der Hund schläft.", "de", "en", style="authors", template_in_prompt=False)
+    text = render_chat(msgs, chat_tokenizer)
+    assert text.endswith("<think>"), text[-60:]
+    plain = render_chat(msgs[:2], chat_tokenizer)
+    assert text.startswith(plain)  # the generation prompt, then the pre-fill

@@ -133,3 +133,67 @@ def test_cot_jsonl(tmp_path):
     path.write_text(json.dumps({k: v for k, v in row.items() if k != "cot"}) + "\n")
     with pytest.raises(ValueError, match="field 'cot' must be a non-empty string, got None"):
         load_cot_jsonl(path)
+
+
+# ------------------------------------------------------------------ the paper's languages and the authors' corpus
+
+
+def test_paper_languages_and_the_authors_tags():
+    from r1t1.languages import PAPER_LANGUAGES
+
+    assert len(PAPER_LANGUAGES) == 21 and "tl" in PAPER_LANGUAGES
+    assert language("kr").code == "ko" and language("Tagalog").flores101 == "tgl"
+    assert language("Malaysian").code == "ms" and language("tgl_Latn").code == "tl"
+
+
+def test_flat_flores_files_only_for_devtest(tmp_path):
+    from r1t1.data import flores_file
+
+    (tmp_path / "flores.kr").write_text("고양이\n", encoding="utf-8")
+    assert flores_file(tmp_path, "ko").name == "flores.kr"
+    with pytest.raises(FileNotFoundError, match="no Flores file for 'ko' \\(dev\\)"):
+        flores_file(tmp_path, "ko", "dev")  # the released flat files are devtest: never read them as dev
+
+
+def test_paper_direction_grid():
+    from r1t1.data import directions, paper_directions
+
+    grid = paper_directions()
+    assert len(grid) == len(set(grid)) == 78
+    assert grid[:2] == [("ar", "en"), ("ar", "zh")] and grid[-2:] == [("zh", "en"), ("en", "zh")]
+    assert all(("en" in d) or ("zh" in d) for d in grid) and ("ar", "de") not in grid
+    assert directions(["en", "zh", "de"], mode="paper") == [("de", "en"), ("de", "zh"), ("en", "de"), ("zh", "de"),
+                                                           ("zh", "en"), ("en", "zh")]
+
+
+AUTHORS_ROW = {
+    "instruction": "You are a helpful assistant. ... Translate the following sentence from Chinese to French and explain your reasoning:",
+    "input": "特别委员会下一届会议将是有益的。",
+    "source_lang": "Chinese", "target_lang": "French",
+    "target_text": "Il serait utile que le Comité spécial commence.",
+    "thought_chains": "1. Begin by analyzing the sentence in the source language to determine if it uses an active or "
+                      "passive construction.\n2. If the sentence is in the active voice, decide ...",
+    "output": "<think>I begin by analyzing the structure.</think>\n\n<answer>\nIl serait utile que le Comité spécial commence.\n</answer>",
+}
+
+
+def test_authors_cot_corpus_loads_as_released(tmp_path):
+    from r1t1.data import load_authors_cot
+    from rewards.translation import extract_answer
+
+    path = tmp_path / "CoT_data.json"
+    path.write_text(json.dumps([AUTHORS_ROW, {**AUTHORS_ROW, "thought_chains": "1. Do it."}], ensure_ascii=False), encoding="utf-8")
+    rows = load_authors_cot(path)
+    assert [r["template"] for r in rows] == ["structural", None]
+    r = rows[0]
+    assert (r["src_lang"], r["tgt_lang"]) == ("zh", "fr") and r["tgt"] == AUTHORS_ROW["target_text"]
+    assert r["cot"] == "I begin by analyzing the structure." and r["completion"] == AUTHORS_ROW["output"]
+    assert r["prompt_text"].endswith("explain your reasoning:\n" + AUTHORS_ROW["input"])
+    assert extract_answer(r["completion"], gate="authors") == AUTHORS_ROW["target_text"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**AUTHORS_ROW, "target_lang": "Klingon"}]))
+    with pytest.raises(ValueError, match="example 0.*'Klingon'"):
+        load_authors_cot(bad)
+    bad.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="JSON array"):
+        load_authors_cot(bad)

@@ -175,11 +175,29 @@ def test_r1t1_sft_then_grpo_then_evaluation_as_documented(tmp_path, monkeypatch)
     grpo_size = [*held_out, *evals, *CPU, "--train_path", "data/train.de-en.tsv", "--src_lang", "de", "--tgt_lang", "en",
                  "--max_steps", "1", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
                  "--max_completion_length", "12", "--rollout_batch_size", "8"]
+    built = {}
+
+    class RecordingTrainer(translate_r1t1.R1T1Trainer):
+        def __init__(self, *args, **kwargs):
+            built.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(translate_r1t1, "R1T1Trainer", RecordingTrainer)
     for name, out in (("r1t1_grpo_qwen2.5_7b.yaml", "outputs/r1t1_grpo_qwen2.5_7b"),
                       ("r1t1_grpo_qwen2.5_7b_lora.yaml", "outputs/r1t1_grpo_qwen2.5_7b_lora")):
         # no --model_name_or_path: the config's default is the SFT run's final/ folder
         grpo = translate_r1t1.main(["--config", str(CONFIGS / name), *grpo_size])
         assert grpo["model"] == "outputs/r1t1_sft_qwen2.5_7b/final" and grpo["steps"] == 1
+        # the authors' prompts by default: rendered as text that ends in the pre-filled <think>, which
+        # the reward reads before each completion, under their format gate
+        assert (grpo["prompt_style"], grpo["format_gate"]) == ("authors", "authors")
+        prompt = built["train_dataset"][0]["prompt"]
+        assert isinstance(prompt, str) and prompt.endswith("<|im_start|>assistant\n<think>")
+        assert "Please translate the following German Source sentence into English." in prompt
+        quality, fmt = built["reward_funcs"]
+        ref = built["train_dataset"][0]["ref"]
+        assert fmt([f"r</think><answer>{ref}</answer>"]) == [1.0]
+        assert quality([f"r</think><answer>{ref}</answer>"], src=["s"], ref=[ref]) == [pytest.approx(1.2)]
         s = run_settings(out)
         assert (s["temperature"], s["beta"], s["kl_mode"], s["num_generations"]) == (0.8, 0.001, "loss", 8)
         rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]

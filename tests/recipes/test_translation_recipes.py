@@ -17,37 +17,72 @@ def test_evaluate_translation_scores_per_direction(tmp_path, monkeypatch):
     by_prompt = {}
     for src, tgt in zip(EN + DE, DE + EN):
         by_prompt[src] = tgt
+    seen = {}
 
-    def fake_generate(model, prompts, temperature, max_new_tokens, batch_size, seed):
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed):
+        seen["decoding"] = decoding
         outs = []
         for i, p in enumerate(prompts):
-            src = p[-1]["content"].rsplit("\n", 1)[-1]
+            assert p[-1] == {"role": "assistant", "content": "<think>"}  # the authors' pre-filled turn
+            src = p[1]["content"].rsplit("Source sentence: ", 1)[-1]
             ref = by_prompt[src]
             hyp = ref if i % 2 == 0 else ref.split()[0]  # half perfect, half one word
-            outs.append(f"<think>t</think><answer>{hyp}</answer>" if i % 4 != 3 else f"<answer>{hyp}</answer>")
+            # completions continue the pre-filled <think>; the 4th repeats the tag (invalid: two <think>)
+            outs.append(f"t</think><answer>{hyp}</answer>" if i % 4 != 3 else f"<think>t</think><answer>{hyp}</answer>")
         return outs
 
     monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
-    results = evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"),
-                                         "--directions", "de-en,en→de", "--output_dir", str(tmp_path / "out")])
+    results = evaluate_translation.main(["--model_name_or_path", "unused", "--flores_dir", str(tmp_path / "flores"),
+                                         "--directions", "de-en,en→de", "--decoding", "authors",
+                                         "--output_dir", str(tmp_path / "out")])
+    assert seen["decoding"] == {"temperature": 0.1, "top_k": 64, "top_p": 0.75}
     assert [r["direction"] for r in results] == ["de-en", "en-de"]
     for r, refs in zip(results, (EN, DE)):
         hyps = [ref if i % 2 == 0 else ref.split()[0] for i, ref in enumerate(refs)]
         assert r["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
         assert r["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
-        assert r["format_rate"] == pytest.approx(0.75)  # the 4th output has no think block
+        assert r["format_rate"] == pytest.approx(0.75)  # the 4th output has the think tag twice
         assert r["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["directions"][1]["chrf"] == pytest.approx(results[1]["chrf"])
-    assert "| en-de | 4 |" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| en-de | 4 |" in md
+    avg = {g["group"]: g for g in saved["averages"]}
+    assert avg["xx→en"]["directions"] == 1 and avg["xx→en"]["chrf"] == pytest.approx(results[0]["chrf"])
+    assert avg["all"]["bleu"] == pytest.approx((results[0]["bleu"] + results[1]["bleu"]) / 2)
+    assert avg["seen"]["directions"] == 2 and "unseen" not in avg  # de and en are in the released training data
+
+
+def test_evaluate_translation_paper_grid_flat_files_and_tokenizers(tmp_path, monkeypatch):
+    # the released script's flat flores.{xx} files (Korean tagged kr), the paper's direction preset on a subset
+    zh = ["猫在睡觉", "两只狗跑得快", "今天下雨", "我们读书"]
+    ko = ["고양이가 잔다", "개 두 마리가 빨리 달린다", "오늘 비가 온다", "우리는 책을 읽는다"]
+    for tag, lines in (("en", EN), ("zh", zh), ("kr", ko), ("tl", EN)):
+        (tmp_path / f"flores.{tag}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed):
+        return ["t</think><answer>x</answer>"] * len(prompts)
+
+    monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
+    results = evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path), "--directions", "paper",
+                                         "--languages", "en,zh,kr,tl", "--output_dir", str(tmp_path / "out")])
+    got = [r["direction"] for r in results]
+    assert got == ["ko-en", "ko-zh", "tl-en", "tl-zh", "en-ko", "en-tl", "zh-ko", "zh-tl", "zh-en", "en-zh"]
+    tok = {r["direction"]: r["bleu_signature"].split("tok:")[1].split("|")[0] for r in results}
+    assert tok["en-zh"] == "zh" and tok["en-ko"].startswith("ko-mecab") and tok["ko-en"] == "13a"
+    from r1t1.data import paper_directions
+
+    assert len(paper_directions()) == 78  # the released script's grid
 
 
 def test_evaluate_translation_input_errors(tmp_path):
     write_flores(tmp_path / "flores", "devtest", {"en": EN, "de": DE[:3]})
     with pytest.raises(ValueError, match="unequal line counts"):
         evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "de-en"])
-    with pytest.raises(ValueError, match="unknown language 'xx'"):
-        evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "xx-en"])
+    with pytest.raises(ValueError, match="unknown language 'zz'"):
+        evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "zz-en"])
+    with pytest.raises(ValueError, match="top_p"):
+        evaluate_translation.main(["--model", "unused", "--toy", "--limit", "2", "--top_p", "0"])
     with pytest.raises(FileNotFoundError, match="COMET checkpoint"):
         evaluate_translation.main(["--model", "unused", "--toy", "--limit", "2", "--comet_model", str(tmp_path / "none")])
 
@@ -125,3 +160,25 @@ def test_translation_recipes_pass_use_cpu_to_model_loading(tmp_path, monkeypatch
                             "--toy_train_size", "4", "--eval_limit", "2", "--use_cpu", "true", "--bf16", "false",
                             "--report_to", "none"])
     assert seen == {"use_cpu": True}
+
+
+def test_sft_reads_the_authors_corpus_and_ours_with_the_same_turn_layout(tmp_path):
+    from r1t1.templates import format_completion
+
+    authors = [{"instruction": "Translate the following sentence from German to English and explain your reasoning:",
+                "input": DE[0], "source_lang": "German", "target_lang": "English", "target_text": EN[0],
+                "thought_chains": "1. Identify the key elements.\n2. Decide between literal and idiomatic.",
+                "output": f"<think>why</think>\n<answer>{EN[0]}</answer>"}]
+    (tmp_path / "CoT_data.json").write_text(json.dumps(authors))
+    args = translate_sft.TranslateSFTArguments(cot_path=str(tmp_path / "CoT_data.json"))
+    (row,) = translate_sft.sft_rows(args, None, 0)
+    assert row["prompt"] == [{"role": "user", "content": authors[0]["instruction"] + "\n" + DE[0]}]
+    assert row["completion"] == [{"role": "assistant", "content": authors[0]["output"]}]  # as released
+
+    (tmp_path / "cot.jsonl").write_text(json.dumps({"src": DE[0], "tgt": EN[0], "src_lang": "de", "tgt_lang": "en",
+                                                    "template": "structural", "cot": "c"}) + "\n")
+    (row,) = translate_sft.sft_rows(translate_sft.TranslateSFTArguments(cot_path=str(tmp_path / "cot.jsonl")), None, 0)
+    # the authors' prompt style, without its pre-filled turn: the completion teaches the whole turn
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["prompt"][1]["content"].startswith("Please translate the following German Source sentence into English.")
+    assert row["completion"][0]["content"] == format_completion("c", EN[0])
