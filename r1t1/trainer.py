@@ -12,7 +12,10 @@ temperature, from the full (never layer-skipped) model.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
@@ -22,25 +25,28 @@ from .config import R1T1Config
 
 
 class R1T1Trainer(NestedReFTTrainer):
-    """Takes every argument of `NestedReFTTrainer`; `args` is an `R1T1Config`."""
+    """Takes every argument of `NestedReFTTrainer` (GRPOTrainer's, positional or by keyword); `args` is an `R1T1Config`."""
 
     def __init__(self, *args, **kwargs):
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # Bind to GRPOTrainer's signature so positional and keyword calls mean the same thing
+        # (GRPOTrainer(model, reward_funcs, args, train_dataset, ...)).
+        engine = kwargs.pop("engine", None)  # NestedReFTTrainer's own keyword
+        kwargs = dict(inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments)
+        kwargs.pop("self")
+        config = kwargs.get("args")
         if not isinstance(config, R1T1Config):
             raise TypeError(f"R1T1Trainer needs an R1T1Config, got {type(config).__name__}")
         self.kl_in_reward = config.kl_mode == "reward" and config.beta > 0
         saved_weights = config.reward_weights
         if self.kl_in_reward:
-            funcs = kwargs.get("reward_funcs")
-            if funcs is None:
-                raise TypeError("R1T1Trainer needs reward_funcs passed by keyword")
+            funcs = kwargs["reward_funcs"]
             kwargs["reward_funcs"] = (list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]) + [self._kl_penalty_func()]
             if kwargs.get("reward_processing_classes") is not None:
                 kwargs["reward_processing_classes"] = list(kwargs["reward_processing_classes"]) + [None]
             if saved_weights is not None:
                 config.reward_weights = list(saved_weights) + [1.0]
         try:
-            super().__init__(*args, **kwargs)
+            super().__init__(engine=engine, **kwargs)
         finally:
             config.reward_weights = saved_weights
         self._kl_prompt_ids: list[list[int]] | None = None

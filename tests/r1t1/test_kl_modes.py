@@ -120,3 +120,14 @@ def test_config_rejects_bad_values(tmp_path):
         R1T1Config(output_dir=str(tmp_path), reward_metric="comet")
     with pytest.raises(ValueError, match="sum_then_normalize"):
         R1T1Config(output_dir=str(tmp_path), kl_mode="reward", multi_objective_aggregation="normalize_then_sum")
+
+
+def test_positional_arguments_mean_what_they_mean_for_grpo_trainer(small_model_dir, chat_tokenizer, tmp_path):
+    # GRPOTrainer(model, reward_funcs, args, train_dataset, eval_dataset, processing_class)
+    config = R1T1Config(output_dir=str(tmp_path), **SHARED, kl_mode="reward", beta=0.1)
+    trainer = R1T1Trainer(AutoModelForCausalLM.from_pretrained(small_model_dir), [length_reward], config, dataset(),
+                          None, chat_tokenizer)
+    assert trainer.kl_in_reward and trainer.kl_beta == pytest.approx(0.1) and trainer.beta == 0.0
+    assert trainer.reward_func_names == ["length_reward", "kl_penalty"]
+    with pytest.raises(TypeError, match="R1T1Config"):
+        R1T1Trainer(AutoModelForCausalLM.from_pretrained(small_model_dir), [length_reward], None, dataset())
