@@ -122,12 +122,16 @@ class NestedReFTTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         mode = "train" if self.model.training else "eval"
+        if self.engine.sleep_enabled:  # the colocated engine slept through the optimizer step
+            self.engine.wake_up()
         self._begin_round(mode)
         try:
             output = super()._generate(prompts)
         finally:
             self._round_open = False
         self._end_round(mode, output[0])
+        if self.engine.sleep_enabled:  # hand its GPU memory to the backward pass until the next round
+            self.engine.sleep(level=1)
         return output
 
     def _begin_round(self, mode: str) -> None:

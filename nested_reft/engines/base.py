@@ -109,6 +109,16 @@ class RolloutEngine(ABC):
     # False: the engine holds its own copy of the weights, which the trainer syncs after each
     # optimizer step through `load_weights`.
     shares_policy_weights: bool = False
+    # True: the engine frees its GPU memory between rounds (`sleep`) and the trainer wakes it
+    # before each round's weight sync (vLLM's sleep mode, as TRL uses it).
+    sleep_enabled: bool = False
+
+    def sleep(self, level: int = 1) -> None:
+        """Release GPU memory until `wake_up` (only engines with `sleep_enabled`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sleep mode")
+
+    def wake_up(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no sleep mode")
 
     def set_skip(self, layers: Sequence[int]) -> None:
         """Layers to skip in the following `generate` calls (identity on the residual stream)."""

@@ -197,7 +197,9 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ memory
 
     def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (level 1) and the weights too (level 2) between rollouts (GPU only)."""
+        """Free the GPU memory between rollouts (GPU only). Level 1 (what the trainer uses) offloads the
+        weights to CPU memory and drops the KV cache; level 2 drops the weights too, which is only safe
+        when every tensor is re-sent after waking (the trainer sends only what changed)."""
         if not self.sleep_enabled:
             raise RuntimeError("this engine was built with enable_sleep_mode=False")
         self.llm.sleep(level=level)

@@ -287,3 +287,41 @@ def test_a_non_finite_loss_skips_that_optimizer_step_and_training_goes_on(small_
     assert moved(snapshots[2], final)  # step 3 trained again
     logged = [row["nonfinite_steps_skipped"] for row in trainer.state.log_history if "nonfinite_steps_skipped" in row]
     assert logged == [1.0]
+
+
+def test_a_sleeping_engine_is_woken_before_each_round_and_put_back_to_sleep_after(small_model_dir, chat_tokenizer, tmp_path):
+    # vLLM's sleep mode as TRL uses it, with a recording engine (sleep itself needs a GPU): wake up,
+    # then sync the weights and sample; sleep (level 1: the weights are kept) until the next round.
+    args = NestedReFTConfig(output_dir=str(tmp_path), skip_ratio=0.34, keep_first=1, keep_last=1, max_steps=2,
+                            full_model_probe_every=0, **SHARED)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    events, inner = [], trainer.engine
+
+    class Recording:
+        sleep_enabled, shares_policy_weights = True, False
+        asleep = True  # built asleep: the first round must wake it
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def wake_up(self):
+            events.append("wake")
+            self.asleep = False
+
+        def sleep(self, level=1):
+            events.append(f"sleep{level}")
+            self.asleep = True
+
+        def load_weights(self, named):
+            assert not self.asleep, "weights were pushed to a sleeping engine"
+            events.append("sync")
+
+        def generate(self, *a, **kw):
+            assert not self.asleep, "a sleeping engine was asked to generate"
+            events.append("generate")
+            return inner.generate(*a, **kw)
+
+    trainer.engine = Recording()
+    trainer.train()
+    assert events == ["wake", "sync", "generate", "sleep1"] * 2
