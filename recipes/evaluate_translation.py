@@ -4,6 +4,7 @@
     python -m recipes.evaluate_translation --model_name_or_path PATH --flores_dir DIR --directions paper \
         --decoding authors --engine vllm          # the released grid: 21 languages, pivots en and zh, 78 directions
     python -m recipes.evaluate_translation --model_name_or_path outputs/translate_r1t1_toy/final --toy
+    python -m recipes.evaluate_translation --config my_eval.yaml   # any flag as a YAML key
 
 Flores folders (Flores-101 `{split}/{eng}.{split}`, Flores-200 `{split}/{eng_Latn}.{split}`) and the
 released script's flat `flores.{xx}` files are read. Generates with the chosen engine (`hf`: batched
@@ -17,10 +18,10 @@ xx→en, en→xx, xx→zh, zh→xx and over seen vs unseen languages. A Markdown
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from r1t1.evaluation import score_translations
 from r1t1.languages import PAPER_LANGUAGES, PAPER_SEEN_LANGUAGES, language
 from r1t1.templates import PROMPT_STYLES, TEMPLATE_NAMES, TemplateSelector, prefill_of
 from r1t1.toy import toy_rows
+from recipes.skeleton import parse
 from recipes.translation_common import prompt_rows, toy_system_prompt
 from rewards.translation import FORMAT_GATES
 
@@ -118,39 +120,35 @@ def markdown(results: list[dict], groups: list[dict], with_comet: bool) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", "--model", dest="model", required=True, help="model folder or Hub id")
-    p.add_argument("--flores_dir", help="Flores-101/200 folder ({split}/{lang}.{split}) or a folder of flat flores.{xx} files")
-    p.add_argument("--directions", default=None,
-                   help=f"comma-separated (de-en,en-de; Flores codes and names work too) or a preset over --languages: {', '.join(DIRECTION_MODES)} ('paper': xx<->en, xx<->zh, zh<->en)")
-    p.add_argument("--languages", default=",".join(PAPER_LANGUAGES), help="languages of a direction preset (default: the paper's 21)")
-    p.add_argument("--pivot", default="en", help="pivot of the xx-en / en-xx / both presets")
-    p.add_argument("--seen_languages", default=",".join(PAPER_SEEN_LANGUAGES),
-                   help="languages of the training data: a direction between two of them is 'seen' (default: the released data's six)")
-    p.add_argument("--toy", action="store_true", help="evaluate on the Toylang test split (en-qtl) instead of Flores")
-    p.add_argument("--split", default="devtest", help="Flores split: dev or devtest")
-    p.add_argument("--limit", type=int, default=None, help="at most this many sentences per direction")
-    p.add_argument("--prompt_style", default="authors", choices=PROMPT_STYLES, help="prompts of real data (see recipes.translation_common)")
-    p.add_argument("--template_in_prompt", action="store_true", help="show the template's steps in the prompt [ours]")
-    p.add_argument("--template", default="hierarchical", help=f"template of --template_in_prompt: one of {', '.join(TEMPLATE_NAMES)}, or 'random'")
-    p.add_argument("--system_prompt", default=None, help="system message (default: the prompt style's own; '' for none)")
-    p.add_argument("--format_gate", default="authors", choices=FORMAT_GATES, help="format check of the reported format rate and reward")
-    p.add_argument("--engine", default="hf", choices=ENGINES, help="generation engine")
-    p.add_argument("--decoding", default="greedy", choices=list(DECODING),
-                   help="preset: greedy, or the authors' (temperature 0.1, top-k 64, top-p 0.75); --temperature/--top_k/--top_p override it")
-    p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=None, help="0 is off")
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--comet_model", default=None, help="local COMET checkpoint (.ckpt or model folder); omit to skip COMET")
-    p.add_argument("--comet_batch_size", type=int, default=32)
-    p.add_argument("--comet_gpus", type=int, default=None, help="GPUs COMET scores on (default: 1 when there is one)")
-    p.add_argument("--bleu_tokenize", default=None, help="one sacrebleu tokenizer for every direction (e.g. flores200); default: per target language")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="outputs/evaluate_translation")
-    return p
+@dataclass
+class EvaluateTranslationArguments:
+    model_name_or_path: str = field(metadata={"aliases": ["--model"], "help": "Model folder or Hub id."})
+    flores_dir: str | None = field(default=None, metadata={"help": "Flores-101/200 folder ({split}/{lang}.{split}) or a folder of flat flores.{xx} files."})
+    directions: str | None = field(default=None, metadata={"help": f"Comma-separated (de-en,en-de; Flores codes and names work too) or a preset over --languages: {', '.join(DIRECTION_MODES)} ('paper': xx<->en, xx<->zh, zh<->en)."})
+    languages: str = field(default=",".join(PAPER_LANGUAGES), metadata={"help": "Languages of a direction preset (default: the paper's 21)."})
+    pivot: str = field(default="en", metadata={"help": "Pivot of the xx-en / en-xx / both presets."})
+    seen_languages: str = field(default=",".join(PAPER_SEEN_LANGUAGES), metadata={"help": "Languages of the training data: a direction between two of them is 'seen' (default: the released data's six)."})
+    toy: bool = field(default=False, metadata={"help": "Evaluate on the Toylang test split (en-qtl) instead of Flores."})
+    split: str = field(default="devtest", metadata={"help": "Flores split: dev or devtest."})
+    limit: int | None = field(default=None, metadata={"help": "At most this many sentences per direction."})
+    prompt_style: str = field(default="authors", metadata={"help": f"Prompts of real data: one of {PROMPT_STYLES} (see recipes.translation_common).", "choices": list(PROMPT_STYLES)})
+    template_in_prompt: bool = field(default=False, metadata={"help": "Show the template's steps in the prompt [ours]."})
+    template: str = field(default="hierarchical", metadata={"help": f"Template of --template_in_prompt and the Toylang prompts: one of {', '.join(TEMPLATE_NAMES)}, or 'random'."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: the prompt style's own; '' for none)."})
+    format_gate: str = field(default="authors", metadata={"help": "Format check of the reported format rate and reward.", "choices": list(FORMAT_GATES)})
+    engine: str = field(default="hf", metadata={"help": "Generation engine.", "choices": list(ENGINES)})
+    decoding: str = field(default="greedy", metadata={"help": "Preset: greedy, or the authors' (temperature 0.1, top-k 64, top-p 0.75); --temperature/--top_k/--top_p override it.", "choices": list(DECODING)})
+    temperature: float | None = field(default=None, metadata={"help": "0 is greedy."})
+    top_k: int | None = field(default=None, metadata={"help": "0 is off."})
+    top_p: float | None = field(default=None)
+    max_new_tokens: int = field(default=1024)
+    batch_size: int = field(default=32)
+    comet_model: str | None = field(default=None, metadata={"help": "Local COMET checkpoint (.ckpt or model folder); omit to skip COMET."})
+    comet_batch_size: int = field(default=32)
+    comet_gpus: int | None = field(default=None, metadata={"help": "GPUs COMET scores on (default: 1 when there is one)."})
+    bleu_tokenize: str | None = field(default=None, metadata={"help": "One sacrebleu tokenizer for every direction (e.g. flores200); default: per target language."})
+    seed: int = field(default=0)
+    output_dir: str = field(default="outputs/evaluate_translation")
 
 
 def decoding_of(args) -> dict:
@@ -164,16 +162,14 @@ def decoding_of(args) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = parse((EvaluateTranslationArguments,), argv)
 
     # Everything that can be wrong with the inputs fails before the model loads.
     if args.toy:
         pairs = [("en", "qtl")]
     else:
         if not args.flores_dir or not args.directions:
-            parser.error("give --flores_dir and --directions (or --toy for the embedded Toylang test split)")
+            raise ValueError("give --flores_dir and --directions (or --toy for the embedded Toylang test split)")
         pairs = parse_directions(args)
     decoding = decoding_of(args)
     seen = {language(x).code for x in args.seen_languages.split(",") if x.strip()}
@@ -190,7 +186,7 @@ def main(argv=None) -> list[dict]:
     all_rows = [r for d in pairs for r in data[d]]
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    texts = generate(args.model, [r["prompt"] for r in all_rows], decoding, args.max_new_tokens, args.batch_size, args.seed)
+    texts = generate(args.model_name_or_path, [r["prompt"] for r in all_rows], decoding, args.max_new_tokens, args.batch_size, args.seed)
     seconds = time.perf_counter() - start
 
     results, i = [], 0
@@ -207,7 +203,7 @@ def main(argv=None) -> list[dict]:
     table = markdown(results, groups, with_comet=args.comet_model is not None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "engine": args.engine, "decoding": decoding, "prompt_style": args.prompt_style,
+    meta = {"model": args.model_name_or_path, "engine": args.engine, "decoding": decoding, "prompt_style": args.prompt_style,
             "template_in_prompt": args.template_in_prompt, "format_gate": args.format_gate,
             "split": "toy-test" if args.toy else args.split, "seen_languages": sorted(seen), "generate_seconds": seconds}
     (out / "results.json").write_text(json.dumps({**meta, "directions": results, "averages": groups}, indent=2, ensure_ascii=False))

@@ -18,11 +18,11 @@ mean quality) is printed and written beside the output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from r1t1.data import load_flores, load_parallel, parse_direction
 from r1t1.languages import language
 from r1t1.templates import TEMPLATE_NAMES, TemplateSelector, steps_text
 from recipes.evaluate_translation import DECODING, generate_hf, generate_vllm
+from recipes.skeleton import parse as parse_args
 from rewards.translation import METRICS, parse, quality
 
 logger = logging.getLogger("recipes.generate_cot")
@@ -88,36 +89,33 @@ def filter_completions(requests: list[dict], texts: list[str], metric: str, min_
     return kept, reasons
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", "--model", dest="model", required=True, help="an instruct model: folder or Hub id")
-    p.add_argument("--parallel_path", help="parallel data (.tsv or .jsonl)")
-    p.add_argument("--src_lang", help="source language of a file whose rows do not name one")
-    p.add_argument("--tgt_lang", help="target language of a file whose rows do not name one")
-    p.add_argument("--flores_dir", help="or a Flores folder (with --directions and --split)")
-    p.add_argument("--directions", help="comma-separated directions of --flores_dir, e.g. de-en,zh-en")
-    p.add_argument("--split", default="dev", help="Flores split (dev: keep devtest for evaluation)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many pairs (per direction for Flores)")
-    p.add_argument("--templates", default="all", help=f"comma-separated subset of {', '.join(TEMPLATE_NAMES)}, or 'all'")
-    p.add_argument("--template_mode", default="random", choices=["random", "fixed"],
-                   help="one template per pair: random over --templates (a function of the pair), or the first of them")
-    p.add_argument("--per_template", action="store_true", help="one request per pair and template instead")
-    p.add_argument("--metric", default="chrf", choices=METRICS, help="quality of the answer against the reference")
-    p.add_argument("--min_quality", type=float, default=0.6, help="keep answers scoring at least this (metric / 100 for chrF and BLEU)")
-    p.add_argument("--comet_model", default=None, help="local COMET checkpoint for --metric comet")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="the CoT JSONL to write (a summary goes beside it)")
-    return p
+@dataclass
+class GenerateCoTArguments:
+    model_name_or_path: str = field(metadata={"aliases": ["--model"], "help": "An instruct model: folder or Hub id."})
+    output: str = field(metadata={"help": "The CoT JSONL to write (a summary goes beside it)."})
+    parallel_path: str | None = field(default=None, metadata={"help": "Parallel data (.tsv or .jsonl)."})
+    src_lang: str | None = field(default=None, metadata={"help": "Source language of a file whose rows do not name one."})
+    tgt_lang: str | None = field(default=None, metadata={"help": "Target language of a file whose rows do not name one."})
+    flores_dir: str | None = field(default=None, metadata={"help": "Or a Flores folder (with --directions and --split)."})
+    directions: str | None = field(default=None, metadata={"help": "Comma-separated directions of --flores_dir, e.g. de-en,zh-en."})
+    split: str = field(default="dev", metadata={"help": "Flores split (dev: keep devtest for evaluation)."})
+    limit: int | None = field(default=None, metadata={"help": "At most this many pairs (per direction for Flores)."})
+    templates: str = field(default="all", metadata={"help": f"Comma-separated subset of {', '.join(TEMPLATE_NAMES)}, or 'all'."})
+    template_mode: str = field(default="random", metadata={"help": "One template per pair: random over --templates (a function of the pair), or the first of them.", "choices": ["random", "fixed"]})
+    per_template: bool = field(default=False, metadata={"help": "One request per pair and template instead."})
+    metric: str = field(default="chrf", metadata={"help": "Quality of the answer against the reference.", "choices": list(METRICS)})
+    min_quality: float = field(default=0.6, metadata={"help": "Keep answers scoring at least this (the metric scaled to [0, 1])."})
+    comet_model: str | None = field(default=None, metadata={"help": "Local COMET checkpoint for --metric comet."})
+    engine: str = field(default="hf", metadata={"choices": ["hf", "vllm"]})
+    temperature: float = field(default=0.7, metadata={"help": "0 is greedy."})
+    top_p: float = field(default=0.95)
+    max_new_tokens: int = field(default=1024)
+    batch_size: int = field(default=16)
+    seed: int = field(default=0)
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = parse_args((GenerateCoTArguments,), argv)
     # Inputs fail before the model loads.
     if not 0 <= args.min_quality <= 1:
         raise ValueError(f"min_quality must be in [0, 1] (the metric scaled to [0, 1]), got {args.min_quality!r}")
@@ -136,14 +134,14 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     prompts = [teacher_prompt(r["src"], r["src_lang"], r["tgt_lang"], r["template"]) for r in requests]
-    texts = generate(args.model, prompts, decoding, args.max_new_tokens, args.batch_size, args.seed)
+    texts = generate(args.model_name_or_path, prompts, decoding, args.max_new_tokens, args.batch_size, args.seed)
     seconds = time.perf_counter() - start
     kept, reasons = filter_completions(requests, texts, args.metric, args.min_quality, args.comet_model)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 
     asked = Counter(r["template"] for r in requests)
     got = Counter(r["template"] for r in kept)
-    summary = {"model": args.model, "requests": len(requests), "kept": len(kept), "dropped": dict(reasons),
+    summary = {"model": args.model_name_or_path, "requests": len(requests), "kept": len(kept), "dropped": dict(reasons),
                "metric": args.metric, "min_quality": args.min_quality, "generate_seconds": seconds,
                "mean_quality": sum(r["quality"] for r in kept) / len(kept) if kept else None,
                "per_template": {t: {"asked": asked[t], "kept": got[t]} for t in asked}}

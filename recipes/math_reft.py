@@ -11,13 +11,11 @@ held-out accuracy before and after training, writes `metrics.jsonl`, `summary.js
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from nested_reft.config import NestedReFTConfig
 from nested_reft.data import holdout_split, load_math_dataset
@@ -31,7 +29,7 @@ from nested_reft.reporting import (
 from nested_reft.trainer import NestedReFTTrainer
 from recipes.model_loading import load_model_and_tokenizer
 from recipes.preflight import preflight
-from recipes.run_folder import prepare_run_folder, run_record
+from recipes.skeleton import open_run, parse
 from rewards.math import accuracy_reward, format_reward
 
 logger = logging.getLogger("recipes.math_reft")
@@ -90,20 +88,16 @@ def load_train_and_heldout(a: MathReFTArguments, seed: int):
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((MathReFTArguments, NestedReFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    script_args, training_args, model_args = parse((MathReFTArguments, NestedReFTConfig, ModelConfig), argv)
     # Data first: a bad path or field fails before any model is loaded.
     train, test = load_train_and_heldout(script_args, training_args.seed)
     model_path = resolve_model(model_args, script_args)
     preflight(model_path, training_args, train["prompt"], use_peft=model_args.use_peft,
               revision=model_args.model_revision)
-    # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
-    record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
-                                                    "eval_path": script_args.eval_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
-                                     required=(NestedReFTTrainer.SKIP_STATE_FILE,))
-    training_args.output_dir = str(out)
+    run = open_run(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
+                                               "eval_path": script_args.eval_path},
+                   script_args.fresh_run, required=(NestedReFTTrainer.SKIP_STATE_FILE,))
+    out = run.out
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,
                                                 use_peft=model_args.use_peft)
 
@@ -113,14 +107,7 @@ def main(argv=None) -> dict:
         logger.info("held-out greedy accuracy %s: %.1f%% (%d problems)", label, 100 * r.accuracy, r.n)
         return r
 
-    summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if resume and "before" in previous:
-        before = previous["before"]  # the run is resumed: the untrained model was evaluated already
-        logger.info("resuming from %s", resume)
-    else:
-        before = held_out("before training").as_dict()
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+    before = run.before(lambda: held_out("before training").as_dict())
 
     trainer = NestedReFTTrainer(
         model=model, reward_funcs=[accuracy_reward, format_reward], args=training_args,
@@ -129,18 +116,11 @@ def main(argv=None) -> dict:
     if script_args.eval_every > 0:  # before the JSONL writer, so its rows carry heldout/accuracy
         trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model).accuracy,
                                                  script_args.eval_every))
-    trainer.add_callback(JsonlMetricsCallback(out / "metrics.jsonl"))
-    start = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        trainer.engine.close()  # a colocated vLLM engine frees its memory before the evaluation
-    train_seconds = time.perf_counter() - start
-    trainer.save_model(str(out / "final"))
-    model = trainer.model
+    trainer.add_callback(JsonlMetricsCallback(run.metrics_path))
+    train_seconds = run.train(trainer)
     after = held_out("after training", trainer.model).as_dict()
 
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = read_jsonl(run.metrics_path)
     step_rows = [r for r in rows if "correction/ess" in r]
     def mean(key: str) -> float:  # over the steps that logged it (the probe logs only when it measures)
         values = [r[key] for r in step_rows if key in r]
@@ -162,7 +142,7 @@ def main(argv=None) -> dict:
         "weight_sync_seconds": mean("rollout/weight_sync_seconds"),
         "skip_history": [list(s) for s in trainer.skip_policy.history],
     }
-    summary_path.write_text(json.dumps(summary, indent=2))
+    run.write_summary(summary)
     plot_training(rows, out / "training.png",
                   title=f"Nested-ReFT: skip_ratio={training_args.skip_ratio}, correction={training_args.correction}",
                   evals={"before": (0, before["accuracy"]), "after": (trainer.state.global_step, after["accuracy"])})

@@ -13,14 +13,11 @@ checkpoint there.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from nested_reft.evaluation import render_chat
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
@@ -30,7 +27,7 @@ from r1t1.templates import TemplateSelector
 from r1t1.toy import toy_rows
 from r1t1.trainer import R1T1Trainer
 from recipes.preflight import preflight
-from recipes.run_folder import prepare_run_folder, run_record
+from recipes.skeleton import open_run, parse
 from recipes.translation_common import (
     MISSING_MODEL_HINT,
     TranslationDataArguments,
@@ -65,12 +62,8 @@ class TranslateR1T1Arguments(TranslationDataArguments):
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((TranslateR1T1Arguments, R1T1Config, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    script_args, training_args, model_args = parse((TranslateR1T1Arguments, R1T1Config, ModelConfig), argv)
     set_threads(script_args)
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     a = training_args
     # The reward is the paper's formula, format gate included; format_valid is logged only.
     if a.reward_weights is not None and [float(w) for w in a.reward_weights] != [1.0, 0.0]:
@@ -98,32 +91,20 @@ def main(argv=None) -> dict:
     model_path = model_args.model_name_or_path or embedded_model(script_args)
     preflight(model_path, a, preflight_prompts, use_peft=model_args.use_peft, revision=model_args.model_revision,
               hint=MISSING_MODEL_HINT)
-    # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
-    record = run_record(model_path, training_args, {"train_path": script_args.train_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
-                                     required=(R1T1Trainer.SKIP_STATE_FILE,))
-    training_args.output_dir = str(out)
+    run = open_run(model_path, training_args, {"train_path": script_args.train_path}, script_args.fresh_run,
+                   required=(R1T1Trainer.SKIP_STATE_FILE,))
+    out = run.out
     model, tokenizer = load_model(model_path, model_args, use_cpu=a.use_cpu)
     if prefix:  # TRL renders chat prompts with a fresh generation prompt: pass pre-filled ones as text
         rows = [{**r, "prompt": render_chat(r["prompt"], tokenizer)} for r in rows]
     train = datasets.Dataset.from_list(rows)
 
-    summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if resume and "before" in previous:
-        before = previous["before"]
-        logger.info("resuming from %s", resume)
-    else:
-        before = held_out(model, tokenizer, test, script_args, "before GRPO", a.seed, gate=a.format_gate)
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+    before = run.before(lambda: held_out(model, tokenizer, test, script_args, "before GRPO", a.seed, gate=a.format_gate))
 
     trainer = R1T1Trainer(model=model, reward_funcs=[quality_reward, make_format_reward(**reward_kwargs)], args=a, train_dataset=train,
                           processing_class=tokenizer, peft_config=get_peft_config(model_args),
-                          callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - start
-    trainer.save_model(str(out / "final"))
+                          callbacks=[JsonlMetricsCallback(run.metrics_path)])
+    train_seconds = run.train(trainer)
     after = held_out(trainer.model, tokenizer, test, script_args, "after GRPO", a.seed, gate=a.format_gate)
 
     steps = trainer.state.global_step
@@ -132,8 +113,8 @@ def main(argv=None) -> dict:
                "format_gate": a.format_gate, "prompt_style": script_args.prompt_style if script_args.train_path else "toy",
                "steps": steps, "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, steps),
                "before": before, "after": after, "chrf_gain": after["greedy"]["chrf"] - before["greedy"]["chrf"]}
-    summary_path.write_text(json.dumps(summary, indent=2))
-    plot(read_jsonl(out / "metrics.jsonl"), out / "training.png",
+    run.write_summary(summary)
+    plot(read_jsonl(run.metrics_path), out / "training.png",
          f"R1-T1 GRPO: kl_mode={a.kl_mode}, beta={a.beta}, reward={a.reward_metric}", before, after, steps, GRPO_PANELS)
     print_table(before, after, f"after GRPO ({steps} steps, {train_seconds:.0f} s)")
     print(f"outputs: {out}/summary.json, metrics.jsonl, training.png, final/")

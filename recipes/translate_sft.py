@@ -12,20 +12,18 @@ a run resumes from the last checkpoint there.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
 from r1t1.data import load_authors_cot, load_cot_jsonl
 from r1t1.templates import SELECTION_MODES, TemplateSelector, build_prompt, format_completion
 from r1t1.toy import toy_rows
-from recipes.run_folder import prepare_run_folder, run_record
+from recipes.skeleton import open_run, parse
 from recipes.translation_common import (
     TranslationDataArguments,
     embedded_model,
@@ -81,48 +79,31 @@ def sft_rows(a: TranslateSFTArguments, selector: TemplateSelector, seed: int) ->
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((TranslateSFTArguments, SFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    script_args, training_args, model_args = parse((TranslateSFTArguments, SFTConfig, ModelConfig), argv)
     set_threads(script_args)
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     # Data first: a bad path, template or language fails before any model is loaded.
     selector = TemplateSelector(script_args.template_mode, script_args.template, script_args.templates, seed=training_args.seed)
     train = datasets.Dataset.from_list(sft_rows(script_args, selector, training_args.seed))
     test = held_out_rows(script_args, selector, corpus=script_args.cot_path)
     model_path = model_args.model_name_or_path or embedded_model(script_args)
-    # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
-    record = run_record(model_path, training_args, {"cot_path": script_args.cot_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
-    training_args.output_dir = str(out)
+    run = open_run(model_path, training_args, {"cot_path": script_args.cot_path}, script_args.fresh_run)
+    out = run.out
     model, tokenizer = load_model(model_path, model_args, use_cpu=training_args.use_cpu)
 
-    summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if resume and "before" in previous:
-        before = previous["before"]
-        logger.info("resuming from %s", resume)
-    else:
-        before = held_out(model, tokenizer, test, script_args, "before SFT", training_args.seed)
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+    before = run.before(lambda: held_out(model, tokenizer, test, script_args, "before SFT", training_args.seed))
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=get_peft_config(model_args), callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - start
-    trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
+                         peft_config=get_peft_config(model_args), callbacks=[JsonlMetricsCallback(run.metrics_path)])
+    train_seconds = run.train(trainer, save_tokenizer=tokenizer)
     after = held_out(trainer.model, tokenizer, test, script_args, "after SFT", training_args.seed)
 
     steps = trainer.state.global_step
     summary = {"stage": "sft", "model": model_path, "corpus": script_args.cot_path or "toylang",
                "template_mode": script_args.template_mode, "train_examples": len(train), "steps": steps,
                "train_seconds": train_seconds, "before": before, "after": after, "final_model": str(out / "final")}
-    summary_path.write_text(json.dumps(summary, indent=2))
-    plot(read_jsonl(out / "metrics.jsonl"), out / "training.png", "R1-T1 cold start (SFT)", before, after, steps, SFT_PANELS)
+    run.write_summary(summary)
+    plot(read_jsonl(run.metrics_path), out / "training.png", "R1-T1 cold start (SFT)", before, after, steps, SFT_PANELS)
     print_table(before, after, f"after SFT ({steps} steps, {train_seconds:.0f} s)")
     print(f"outputs: {out}/summary.json, metrics.jsonl, training.png, final/")
     return summary
