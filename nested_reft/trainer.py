@@ -156,13 +156,30 @@ class NestedReFTTrainer(GRPOTrainer):
             raise ValueError("Nested-ReFT rollout engines generate text only; this batch has images")
         if not self._round_open:
             raise RuntimeError("_generate_single_turn runs inside a generation round (NestedReFTTrainer._generate)")
-        rollouts = self.engine.generate(prompt_ids, self._sampling(self._turn))
+        try:
+            rollouts = self.engine.generate(prompt_ids, self._sampling(self._turn))
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(self._generation_oom_message(len(prompt_ids))) from e
         self._turn += 1
         stats = self._round_stats
         stats["tokens"] += rollouts.num_tokens
         stats["generate_seconds"] += rollouts.generate_seconds
         stats["logprob_seconds"] += rollouts.logprob_seconds
         return rollouts.completion_ids, rollouts.logprobs
+
+    def _generation_oom_message(self, num_prompts: int) -> str:
+        a = self.args
+        options = [f"fewer prompts per generate() call (rollout_batch_size={a.rollout_batch_size})",
+                   f"shorter completions (max_completion_length={self.max_completion_length})"]
+        if a.engine == "hf":
+            options += [f"compaction of finished rows (rollout_compact_every={a.rollout_compact_every}; 32 is the default)",
+                        "engine='vllm' (paged KV cache) or LoRA (use_peft) to free the optimizer's memory"]
+        elif a.engine == "vllm":
+            options += [f"a smaller vllm_gpu_memory_utilization ({a.vllm_gpu_memory_utilization}) so training keeps more",
+                        f"vllm_enable_sleep_mode=True (now {a.vllm_enable_sleep_mode}) to free the engine's memory during the backward pass",
+                        "engine='vllm_server' on other GPUs"]
+        return (f"out of memory while generating {num_prompts} rollouts with the {type(self.engine).__name__} "
+                f"(step {self.state.global_step}, round {self._round}). Options: " + "; ".join(options) + ".")
 
     def _end_round(self, mode: str, prompt_ids: list[list[int]]) -> None:
         """Round metrics, once per round whatever the number of turns; the probe when due."""

@@ -76,10 +76,16 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpu
         if not a.eval_direction:
             raise ValueError("eval_flores_dir needs eval_direction, e.g. 'de-en'")
         rows = load_flores(a.eval_flores_dir, a.eval_direction, a.eval_split, limit=a.eval_limit)
+        where = f"Flores {a.eval_flores_dir} ({a.eval_direction}, {a.eval_split})"
     elif a.eval_path:
         rows = load_parallel(a.eval_path, a.src_lang, a.tgt_lang)[: a.eval_limit]
+        where = a.eval_path
     else:
-        return toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=toy_system_prompt(a))
+        rows = toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=toy_system_prompt(a))
+        logger.info("held-out set: the embedded Toylang test split (%d sentences, en-qtl); a real model needs "
+                    "--eval_flores_dir or --eval_path", len(rows))
+        return rows
+    logger.info("held-out set: %s (%d sentences)", where, len(rows))
     return prompt_rows(rows, selector, a)
 
 

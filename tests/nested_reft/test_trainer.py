@@ -325,3 +325,20 @@ def test_a_sleeping_engine_is_woken_before_each_round_and_put_back_to_sleep_afte
     trainer.engine = Recording()
     trainer.train()
     assert events == ["wake", "sync", "generate", "sleep1"] * 2
+
+
+def test_out_of_memory_while_generating_names_the_options(small_model_dir, chat_tokenizer, tmp_path):
+    args = NestedReFTConfig(output_dir=str(tmp_path), max_steps=1, full_model_probe_every=0, rollout_batch_size=16, **SHARED)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+
+    def generate(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.engine.generate = generate
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "out of memory while generating 8 rollouts with the HFEngine (step 0, round 0)" in message
+    assert "rollout_batch_size=16" in message and "max_completion_length=12" in message and "engine='vllm'" in message
+    assert "Tried to allocate" in str(e.value.__cause__)  # the original error is kept
