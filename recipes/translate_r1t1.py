@@ -80,6 +80,8 @@ def main(argv=None) -> dict:
     else:
         rows = toy_rows("train", script_args.train_limit or script_args.toy_train_size, seed=script_args.tiny_seed + 1,
                         selector=selector, system_prompt=toy_system_prompt(script_args))
+    logger.info("training prompts: %s (%d)", script_args.train_path or "the embedded Toylang set (en-qtl; "
+                "pass --train_path for real data)", len(rows))
     rows = [{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows]
     test = held_out_rows(script_args, selector, corpus=script_args.train_path)
     prefix = reward_prefix(script_args, real_data=script_args.train_path is not None)

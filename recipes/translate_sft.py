@@ -75,7 +75,10 @@ def sft_rows(a: TranslateSFTArguments, selector: TemplateSelector, seed: int) ->
             prompt = [m for m in prompt if m["role"] != "assistant"]  # the completion carries the whole turn
             rows.append({"prompt": prompt,
                          "completion": [{"role": "assistant", "content": format_completion(r["cot"], r["tgt"])}]})
-    return rows[: a.train_limit] if a.train_limit is not None else rows
+    rows = rows[: a.train_limit] if a.train_limit is not None else rows
+    logger.info("cold-start examples: %s (%d)", a.cot_path or "generated Toylang traces (en-qtl; pass --cot_path "
+                "for real data)", len(rows))
+    return rows
 
 
 def main(argv=None) -> dict:
