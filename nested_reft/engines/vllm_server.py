@@ -382,7 +382,7 @@ class VLLMServerEngine(RolloutEngine):
     def _send_transfer(self, named: list[tuple[str, torch.Tensor]]):
         import requests
 
-        devices = sorted({str(t.device) for _, t in named if t.device.type != "cuda"})
+        devices = _off_gpu(named)
         if devices:
             raise ValueError(f"weight_transfer={self.weight_transfer!r} sends from the trainer's GPU, but weights are "
                              f"on {devices}: use weight_transfer 'file'")
@@ -429,6 +429,11 @@ class VLLMServerEngine(RolloutEngine):
             except Exception as e:  # noqa: BLE001 - closing after a failure must not hide it
                 logger.warning("closing the weight transfer to %s: %s", self.base_url, e)
             self._transfer = None
+
+
+def _off_gpu(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """The devices other than CUDA that these tensors are on (vLLM's NCCL and IPC send from CUDA)."""
+    return sorted({str(t.device) for _, t in named if t.device.type != "cuda"})
 
 
 def _named_tensor_source():
