@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nested_reft.engines import RolloutEngineUnavailable, SamplingSpec
-from nested_reft.engines import vllm_server
+from nested_reft.engines import RolloutEngineUnavailable, SamplingSpec, vllm_server
 from nested_reft.engines.base import request_seeds
 from nested_reft.engines.vllm_server import VLLMServerEngine, assign_server, server_config_problems
 from tests.nested_reft.fake_vllm_server import FakeVLLMServer, good_config
