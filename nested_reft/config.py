@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from trl import GRPOConfig
 from archs.balcony import KL_REDUCTIONS
 
 from .corrections import METHODS
+from .engines.vllm_server import WEIGHT_TRANSFERS
 from .skipping import MODES
 
 ENGINES = ("hf", "vllm", "vllm_server")
@@ -58,12 +60,14 @@ class NestedReFTConfig(GRPOConfig):
     skip_ratio_max: float = field(default=0.5, metadata={"help": "ess_adaptive: highest skip ratio."})
     skip_ratio_step: float = field(default=0.05, metadata={"help": "ess_adaptive: change of the skip ratio per generation round."})
     # --- engine and measurement
-    engine: str = field(default="hf", metadata={"help": f"Rollout engine: one of {ENGINES}. 'hf': in-process model.generate() on the policy itself. 'vllm': a skip-aware vLLM engine colocated with the trainer, weights synced after each optimizer step (uses TRL's vllm_gpu_memory_utilization, vllm_tensor_parallel_size, vllm_enable_sleep_mode, vllm_max_model_length). 'vllm_server': a remote `python -m nested_reft.serve` at vllm_server_base_url (or vllm_server_host:vllm_server_port).", "choices": list(ENGINES)})
+    engine: str = field(default="hf", metadata={"help": f"Rollout engine: one of {ENGINES}. 'hf': in-process model.generate() on the policy itself. 'vllm': a skip-aware vLLM engine colocated with the trainer, weights synced after each optimizer step (uses TRL's vllm_gpu_memory_utilization, vllm_tensor_parallel_size, vllm_enable_sleep_mode, vllm_max_model_length). 'vllm_server': vLLM's own server (`vllm serve`, started by `python -m nested_reft.serve MODEL`) at vllm_server_base_url (or vllm_server_host:vllm_server_port); several comma-separated URLs split the ranks into one block per server.", "choices": list(ENGINES)})
     vllm_dtype: str = field(default="auto", metadata={"help": "engine=vllm: dtype of the vLLM copy; 'auto' uses the policy's dtype (float32 reproduces the trainer's log-probs)."})
     vllm_in_process: bool = field(default=True, metadata={"help": "engine=vllm: run vLLM's engine core in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0); false starts vLLM's separate engine process."})
     vllm_cpu_kvcache_gib: int = field(default=1, metadata={"help": "engine=vllm on CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."})
     vllm_request_timeout: float = field(default=600.0, metadata={"help": "engine=vllm_server: seconds one request may take before it is retried."})
     vllm_server_retries: int = field(default=3, metadata={"help": "engine=vllm_server: attempts per request on connection errors, with exponential backoff."})
+    vllm_weight_transfer: str = field(default="auto", metadata={"help": f"engine=vllm_server: how weights reach the server, one of {WEIGHT_TRANSFERS}. 'nccl' / 'ipc': vLLM's weight-transfer engine (the server started with --weight-transfer-config; NCCL across nodes, CUDA IPC on the server's own GPU; trainer weights on CUDA). 'file': a safetensors file in vllm_server_weights_dir that the server's workers load (CPU, or where neither works). 'auto': the server's engine if it has one, else 'file'.", "choices": list(WEIGHT_TRANSFERS)})
+    vllm_server_weights_dir: str | None = field(default=None, metadata={"help": "engine=vllm_server, weight transfer 'file': a folder the trainer writes and the server reads (default /dev/shm: a server on this machine)."})
     behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
     reward_timeout: float = field(default=120.0, metadata={"help": "Seconds a reward function may take on a round's batch (and then on each sample of a failed batch); a sample whose reward raises or overruns scores 0 and is counted in rewards/<name>/failed instead of stopping the run."})
@@ -188,5 +192,9 @@ class NestedReFTConfig(GRPOConfig):
             raise ValueError(f"vllm_cpu_kvcache_gib must be > 0, got {self.vllm_cpu_kvcache_gib!r}")
         if self.vllm_request_timeout <= 0 or self.vllm_server_retries < 1:
             raise ValueError(f"need vllm_request_timeout > 0 and vllm_server_retries >= 1, got {self.vllm_request_timeout!r}, {self.vllm_server_retries!r}")
+        if self.vllm_weight_transfer not in WEIGHT_TRANSFERS:
+            raise ValueError(f"vllm_weight_transfer must be one of {WEIGHT_TRANSFERS}, got {self.vllm_weight_transfer!r}")
+        if self.vllm_server_weights_dir is not None and not os.path.isdir(os.path.expanduser(self.vllm_server_weights_dir)):
+            raise ValueError(f"vllm_server_weights_dir {self.vllm_server_weights_dir!r} is not a folder")
         if self.engine == "vllm" and self.vllm_enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("vllm_enable_sleep_mode=True: vLLM's sleep mode needs a CUDA/ROCm GPU, and none is available here; set it to False")

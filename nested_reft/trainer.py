@@ -25,7 +25,7 @@ from trl.trainer.utils import is_async_callable
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
 from .corrections import correction_weights, diagnostics
-from .engines import RolloutEngine, SamplingSpec
+from .engines import RolloutEngine, RolloutEngineUnavailable, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
@@ -71,6 +71,10 @@ class NestedReFTTrainer(GRPOTrainer):
 
     A generation round is one call of TRL's `_generate`: the skip set is drawn once per round and
     every turn of it (tool calls make several) samples with that set, so μ is one model.
+
+    When the engine's server goes away for good (`RolloutEngineUnavailable`, after the engine's
+    retries), the trainer saves a checkpoint of the last completed optimizer step and stops with
+    one error naming the server; rerunning the same command resumes from it.
     """
 
     def __init__(self, *args, engine: RolloutEngine | None = None, **kwargs):
@@ -106,6 +110,7 @@ class NestedReFTTrainer(GRPOTrainer):
         self._round_open = False
         self._turn = 0
         self._round_stats: dict[str, float] = {}
+        self._round_start_policy: dict | None = None  # the skip policy before this round's draw
         self._probe_due = bool(a.full_model_probe_every)
         self._nonfinite_pending = False  # a micro-batch of this optimizer step had a NaN/inf loss
         self.nonfinite_steps_skipped = 0
@@ -135,6 +140,7 @@ class NestedReFTTrainer(GRPOTrainer):
         return output
 
     def _begin_round(self, mode: str) -> None:
+        self._round_start_policy = self.skip_policy.state_dict()
         self._sync_engine_weights(mode)
         skip = self.skip_policy.draw() if mode == "train" else ()  # evaluation uses the target model
         if mode == "train" and self.accelerator.num_processes > 1:
@@ -344,6 +350,29 @@ class NestedReFTTrainer(GRPOTrainer):
         return True
 
     # ------------------------------------------------------------------ checkpoints
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except RolloutEngineUnavailable as e:
+            raise self._stop_without_engine(e) from None
+
+    def _stop_without_engine(self, error: RolloutEngineUnavailable) -> RolloutEngineUnavailable:
+        """Save the last completed optimizer step (the failed round's skip-set draw undone, so a
+        resumed run draws what an uninterrupted one would) and say where it is."""
+        step = self.state.global_step
+        if not error.every_rank:  # saving is collective; the other ranks are elsewhere
+            return RolloutEngineUnavailable(f"{error} This rank alone lost its server, so no checkpoint was saved; "
+                                            "resume from the last scheduled one.", error.url)
+        if step == 0:
+            return RolloutEngineUnavailable(f"{error} No optimizer step had completed: nothing to save.", error.url, True)
+        if self._round_start_policy is not None:
+            self.skip_policy.load_state_dict(self._round_start_policy)
+        folder = os.path.join(self._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if not os.path.exists(os.path.join(folder, self.SKIP_STATE_FILE)):  # not saved by the schedule already
+            self._save_checkpoint(self.model, trial=None)
+        return RolloutEngineUnavailable(f"{error} Saved step {step} in {folder}: once the server is back, rerun the "
+                                        "same command to resume.", error.url, True)
 
     SKIP_STATE_FILE = "nested_reft_state.json"
     ROUND_BUFFER_FILE = "nested_reft_round.pt"

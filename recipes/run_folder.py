@@ -26,7 +26,8 @@ MAY_CHANGE = ("output_dir", "logging_dir", "run_name", "max_steps", "num_train_e
               "disable_tqdm", "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id",
               "dataloader_num_workers", "full_model_probe_every", "full_model_probe_tokens", "log_completions",
               "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
-              "vllm_request_timeout", "vllm_server_retries")
+              "vllm_request_timeout", "vllm_server_retries", "vllm_weight_transfer", "vllm_server_weights_dir",
+              "vllm_group_port")
 MAY_CHANGE_PREFIXES = ("logging_", "save_", "eval_", "hub_")
 
 

@@ -39,6 +39,21 @@ def request_seeds(base: int, n: int) -> list[int]:
     return [(base + i) % SEED_MODULUS for i in range(n)]
 
 
+class RolloutEngineUnavailable(ConnectionError):
+    """The engine's server cannot be reached (after its retries); `url` names it.
+
+    `every_rank`: every trainer rank raised this at the same call (a coordinated skip-set change or
+    weight sync, or a single-process run), so all of them can save a checkpoint together; the
+    trainer does, and stops with this message."""
+
+    def __init__(self, message: str, url: str, every_rank: bool = False):
+        super().__init__(message)
+        self.url, self.every_rank = url, every_rank
+
+    def __reduce__(self):  # picklable with its extra fields
+        return type(self), (str(self), self.url, self.every_rank)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to sample. Engines apply exactly these processors, in vLLM's order: repetition

@@ -65,9 +65,11 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids) -> RolloutEn
     if args.engine == "vllm_server":
         from .vllm_server import VLLMServerEngine
 
+        # every rank builds one; the first rank of each server's block pushes weights and skip sets
         url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-        engine = VLLMServerEngine(url, timeout=args.vllm_request_timeout, retries=args.vllm_server_retries,
-                                  wait_for_server=args.vllm_server_timeout, eos_token_ids=eos_token_ids)
-        engine.score_logprobs = score
-        return engine
+        return VLLMServerEngine(url, weight_transfer=args.vllm_weight_transfer, weights_dir=args.vllm_server_weights_dir,
+                                timeout=args.vllm_request_timeout, retries=args.vllm_server_retries,
+                                wait_for_server=args.vllm_server_timeout, eos_token_ids=eos_token_ids,
+                                score_logprobs=score, rank=args.process_index, world_size=args.world_size,
+                                group_port=args.vllm_group_port)
     raise ValueError(f"engine must be one of hf, vllm, vllm_server, got {args.engine!r}")

@@ -89,6 +89,8 @@ MATH = [  # (rule, extra argv, exception, message pattern)
     ("negative probe interval", ["--full_model_probe_every", "-1"], ValueError, r"got -1, 64"),
     ("server timeout 0", ["--engine", "vllm_server", "--vllm_request_timeout", "0"], ValueError, r"vllm_request_timeout > 0 .* got 0"),
     ("cache_implementation on vLLM", ["--engine", "vllm_server", "--cache_implementation", "static"], ValueError, r"cache_implementation='static'"),
+    ("unknown weight transfer", ["--engine", "vllm_server", "--vllm_weight_transfer", "rdma"], SystemExit, r"invalid choice: 'rdma'"),
+    ("missing weights folder", ["--engine", "vllm_server", "--vllm_server_weights_dir", "/no/such/dir"], ValueError, r"vllm_server_weights_dir '/no/such/dir' is not a folder"),
     ("sleep mode on CPU", ["--engine", "vllm", "--vllm_enable_sleep_mode", "true"], ValueError, r"sleep mode needs a CUDA/ROCm GPU"),
     ("vLLM memory fraction", ["--engine", "vllm", "--vllm_gpu_memory_utilization", "1.5"], ValueError, r"got 1.5"),
     ("missing model path", ["--model_name_or_path", "/no/such/model"], FileNotFoundError, r"model '/no/such/model' does not exist"),
