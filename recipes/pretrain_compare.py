@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import archs  # noqa: F401  (registers the families)
+from archs.cache_utils import cache_bytes
 
 logger = logging.getLogger("recipes.pretrain_compare")
 
@@ -144,24 +145,6 @@ def train(model, name: str, data: bytes, args) -> dict:
 
 
 # --------------------------------------------------------------------------- length sweep
-
-def cache_bytes(cache) -> int:
-    """Bytes of every tensor a cache object holds (walking its attributes), each counted once."""
-    seen, total, stack = set(), 0, [cache]
-    while stack:
-        obj = stack.pop()
-        if torch.is_tensor(obj):
-            if obj.numel() and obj.untyped_storage().data_ptr() not in seen:
-                seen.add(obj.untyped_storage().data_ptr())
-                total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-            stack.extend(vars(obj).values())
-    return total
-
 
 def _seconds(fn, device, repeats: int) -> float:
     """The fastest of `repeats` runs (the least disturbed by other work on a shared machine)."""

@@ -13,6 +13,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from archs.cache_utils import cache_tensors
+
 PAD = 0
 
 
@@ -176,17 +178,7 @@ def assert_cache_owns_its_storage(model, lengths=(40, 33)) -> None:
     ids, mask = left_padded_batch(model.config.vocab_size, list(lengths))
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=PAD,
                          eos_token_id=None, return_dict_in_generate=True)
-    tensors, stack = [], [out.past_key_values]
-    while stack:
-        obj = stack.pop()
-        if torch.is_tensor(obj):
-            tensors.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
-            stack.extend(vars(obj).values())
+    tensors = cache_tensors(out.past_key_values)
     assert tensors
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (tuple(t.shape), t.untyped_storage().nbytes())
