@@ -14,6 +14,7 @@ from trl import GRPOConfig
 from archs.balcony import KL_REDUCTIONS
 
 from .corrections import METHODS
+from .engines.base import SamplingSpec
 from .engines.vllm_server import WEIGHT_TRANSFERS
 from .skipping import MODES
 
@@ -153,12 +154,10 @@ class NestedReFTConfig(GRPOConfig):
         """Every sampler setting is forwarded to the engine and to μ, or rejected here."""
         if self.behavior_logprobs not in BEHAVIOR_LOGPROBS:
             raise ValueError(f"behavior_logprobs must be one of {BEHAVIOR_LOGPROBS}, got {self.behavior_logprobs!r}")
-        if self.top_k is not None and self.top_k < -1:
-            raise ValueError(f"top_k must be >= 0, or 0 / -1 for off, got {self.top_k!r}")
-        if self.min_p is not None and not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty!r}")
+        # the engines' own checks, run now, before any model loads
+        SamplingSpec(max_new_tokens=1, temperature=self.temperature, top_k=0 if self.top_k is None else self.top_k,
+                     top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
+                     repetition_penalty=self.repetition_penalty)
         extra = json.loads(self.generation_kwargs) if isinstance(self.generation_kwargs, str) else self.generation_kwargs
         if extra:
             raise ValueError(f"generation_kwargs {sorted(extra)} are not applied by the Nested-ReFT "

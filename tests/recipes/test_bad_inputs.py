@@ -68,7 +68,7 @@ MATH = [  # (rule, extra argv, exception, message pattern)
     ("ess_target > 1", ["--correction", "ess_adaptive", "--ess_target", "1.5"], ValueError, r"ess_target must be in \(0, 1\], got 1.5"),
     ("ess_adaptive with a fixed set", ["--correction", "ess_adaptive", "--skip_mode", "fixed", "--skip_layers", "2"], ValueError, r"skip_mode='fixed' pins"),
     ("skip ratio bounds reversed", ["--skip_ratio_min", "0.5", "--skip_ratio_max", "0.2"], ValueError, r"got 0.5, 0.2"),
-    ("top_k below -1", ["--top_k", "-5"], ValueError, r"top_k must be >= 0, or 0 / -1 for off, got -5"),
+    ("top_k below -1", ["--top_k", "-5"], ValueError, r"top_k must be >= 0, or -1 / 0 for off, got -5"),
     ("min_p >= 1", ["--min_p", "1.5"], ValueError, r"min_p must be in \[0, 1\), got 1.5"),
     ("repetition penalty 0", ["--repetition_penalty", "0"], ValueError, r"repetition_penalty must be > 0 \(1 is off\), got 0.0"),
     ("generation_kwargs", ["--generation_kwargs", '{"typical_p": 0.9}'], ValueError, r"generation_kwargs \['typical_p'\]"),
