@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 
-from archs.tiny.math_task import SYSTEM_PROMPT, as_chat, generate_problems
+from archs.tiny.math_task import LEVEL_WEIGHTS, LEVELS, SYSTEM_PROMPT, as_chat, generate_problems
 
 FORMATS = ("gsm8k", "math", "svamp", "generic", "synthetic")
 LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -44,6 +44,7 @@ def load_math_dataset(
     shuffle: bool = False,
     seed: int = 0,
     config: str | None = None,
+    levels: tuple[int, ...] | None = None,
 ) -> datasets.Dataset:
     """Load a math dataset as rows with `prompt` (chat messages) and `solution` (gold answer).
 
@@ -55,6 +56,7 @@ def load_math_dataset(
     limit: keep the first `limit` rows (after a shuffle with `seed` when `shuffle` is True).
     config: the Hub config name, or a subfolder of a local folder (defaults: "main" for GSM8K).
     MATH rows keep `level`/`type` columns; synthetic rows carry `level` and `key`.
+    levels: synthetic only, the levels to draw (in the task's relative weights); default all five.
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid formats are {', '.join(FORMATS)}")
@@ -63,7 +65,7 @@ def load_math_dataset(
     if format is None and (question_field or answer_field):
         format = "generic"
     if name_or_path == "synthetic" or format == "synthetic":
-        rows = synthetic_rows(split, system_prompt, limit, seed)
+        rows = synthetic_rows(split, system_prompt, limit, seed, levels=levels)
     else:
         raw, hub_format = _load_raw(name_or_path, split, config)
         if len(raw) == 0:
@@ -100,15 +102,22 @@ def holdout_split(ds: datasets.Dataset, fraction: float) -> tuple[datasets.Datas
     return train, test
 
 
-def synthetic_rows(split: str, system_prompt: str = SYSTEM_PROMPT, n: int | None = None, seed: int = 0) -> list[dict]:
+def synthetic_rows(split: str, system_prompt: str = SYSTEM_PROMPT, n: int | None = None, seed: int = 0,
+                   levels: tuple[int, ...] | None = None) -> list[dict]:
     """Rows of the embedded synthetic arithmetic set (split 'train' or 'test').
 
-    n defaults to SYNTHETIC_SIZES[split]; test problems never repeat a key.
+    n defaults to SYNTHETIC_SIZES[split]; test problems never repeat a key. `levels`: a subset of
+    the five levels, mixed in the task's relative weights (LEVEL_WEIGHTS); default all of them.
     """
     if split not in SYNTHETIC_SIZES:
         raise ValueError(f"synthetic split must be one of {sorted(SYNTHETIC_SIZES)}, got {split!r}")
     size = SYNTHETIC_SIZES[split] if n is None else n
-    problems = generate_problems(size, split, seed, unique=split == "test")
+    levels = tuple(levels) if levels else LEVELS
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise ValueError(f"unknown synthetic levels {bad}; levels are {LEVELS}")
+    weights = tuple(LEVEL_WEIGHTS[LEVELS.index(lv)] for lv in levels)
+    problems = generate_problems(size, split, seed, levels=levels, level_weights=weights, unique=split == "test")
     return [
         {"prompt": as_chat(p, system_prompt), "solution": p.answer, "level": p.level, "key": p.key}
         for p in problems

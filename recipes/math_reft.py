@@ -40,6 +40,7 @@ class MathReFTArguments:
     dataset_name: str = field(default="synthetic", metadata={"help": "'synthetic' (embedded arithmetic), or a Hub id such as openai/gsm8k."})
     dataset_path: str | None = field(default=None, metadata={"help": "A local file or folder in GSM8K, MATH, SVAMP or generic format (overrides dataset_name)."})
     dataset_format: str | None = field(default=None, metadata={"help": "gsm8k | math | svamp | generic | synthetic; inferred when unset."})
+    synthetic_levels: list[int] | None = field(default=None, metadata={"help": "dataset_name=synthetic: the levels to train and evaluate on (1-5, in the task's relative weights); default all five."})
     question_field: str | None = field(default=None, metadata={"help": "Question column for generic files."})
     answer_field: str | None = field(default=None, metadata={"help": "Answer column for generic files."})
     train_split: str = field(default="train", metadata={"help": "Split used for training."})
@@ -68,7 +69,7 @@ def resolve_model(model_args: ModelConfig, script_args: MathReFTArguments) -> st
 def load_data(a: MathReFTArguments, split: str, limit: int | None, seed: int, source: str | None = None):
     return load_math_dataset(source or a.dataset_path or a.dataset_name, split, format=a.dataset_format,
                              question_field=a.question_field, answer_field=a.answer_field,
-                             limit=limit, seed=seed)
+                             limit=limit, seed=seed, levels=tuple(a.synthetic_levels) if a.synthetic_levels else None)
 
 
 def load_train_and_heldout(a: MathReFTArguments, seed: int):

@@ -295,3 +295,17 @@ def test_one_file_is_split_so_that_no_held_out_question_is_trained_on(tmp_path):
     assert len(train2) == 400 and len(test2) == 10
     with pytest.raises(ValueError, match="holdout_fraction must be in"):
         load_train_and_heldout(MathReFTArguments(dataset_path=str(path), holdout_fraction=1.0), seed=0)
+
+
+def test_synthetic_levels_select_the_task_mix():
+    from collections import Counter
+
+    from nested_reft.data import load_math_dataset
+
+    full = load_math_dataset("synthetic", "test")
+    assert load_math_dataset("synthetic", "test", levels=(1, 2, 3, 4, 5))["prompt"] == full["prompt"]  # the default
+    easy = load_math_dataset("synthetic", "train", levels=(1, 2), limit=2000)
+    counts = Counter(easy["level"])
+    assert set(counts) == {1, 2} and 1.0 < counts[1] / counts[2] < 1.45  # the task's 0.30 : 0.25
+    with pytest.raises(ValueError, match=r"unknown synthetic levels \[7\]"):
+        load_math_dataset("synthetic", "train", levels=(1, 7))
