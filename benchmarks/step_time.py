@@ -6,7 +6,8 @@
 
 Every config is `recipes/configs/math_reft_tiny.yaml` (HF engine) with only `skip_ratio` and, after a
 colon, `behavior_logprobs` changed (`skip0.125:rescore`: μ from a second, skipped forward instead of
-the sampler's own scores) and `rollout_compact_every` (`skip0:compact0`: one generate() call per batch). All configs run in this one process, back to back, with the same seed, so
+the sampler's own scores), `rollout_compact_every` (`skip0:compact0`: one generate() call per batch) and
+`:fixed` (every completion runs to max_completion_length, EOS ignored: the same tokens in every config). All configs run in this one process, back to back, with the same seed, so
 the same prompts; `--repeats N` runs the list N times, every other pass in reverse order, so that a
 drift in the machine's load falls on every config alike. Each run trains `warmup_rounds + rounds`
 generation rounds (`steps_per_generation` optimizer steps each) and times the optimizer steps after
@@ -35,6 +36,8 @@ def parse_config_name(name: str) -> tuple[float, str, int | None]:
     for option in options:
         if option in ("sampler", "rescore"):
             source = option
+        elif option == "fixed":  # see fixed_length
+            pass
         elif option.startswith("compact") and option.removeprefix("compact").isdigit():
             compact = int(option.removeprefix("compact"))
         else:
@@ -44,9 +47,16 @@ def parse_config_name(name: str) -> tuple[float, str, int | None]:
     except ValueError:
         ratio = None
     if not ok or ratio is None or not 0 <= ratio < 1:
-        raise ValueError(f"config {name!r}: expected skip<ratio in [0, 1)>[:sampler|:rescore][:compact<N>], "
+        raise ValueError(f"config {name!r}: expected skip<ratio in [0, 1)>[:sampler|:rescore][:compact<N>][:fixed], "
                          "e.g. skip0.125:rescore or skip0:compact0")
     return ratio, source, compact
+
+
+def fixed_length(name: str) -> bool:
+    """'skip0.125:fixed': every completion runs to max_completion_length (EOS ignored), so every config
+    generates the same number of tokens and the per-step time measures the model, not the luck of how
+    long a round's longest completion was. A timing workload only: the samples are still trained on."""
+    return "fixed" in name.split(":")[1:]
 
 
 def run_order(configs: list[str], repeats: int) -> list[tuple[int, str]]:
@@ -142,6 +152,9 @@ def run_one(name: str, args, model_path: str) -> dict:
     Clock.ends, Clock.cpu_ends, Clock.logs = [], [], []
     trainer = NestedReFTTrainer(model=model, reward_funcs=[accuracy_reward, format_reward], args=targs,
                                 train_dataset=train, processing_class=tokenizer, callbacks=[Clock()])
+    if fixed_length(name):
+        generate = trainer.engine.generate
+        trainer.engine.generate = lambda prompts, sampling, **kw: generate(prompts, sampling, ignore_eos=True)
     trainer.train()
     trainer.engine.close()
     row = summarise(Clock.ends, Clock.t0, Clock.logs, steps_per_round, args.warmup_rounds, Clock.cpu_ends, Clock.cpu0)

@@ -10,6 +10,8 @@ def test_parse_config_name():
     assert step_time.parse_config_name("skip0.125:rescore") == (0.125, "rescore", None)
     assert step_time.parse_config_name("skip0.25:compact0") == (0.25, "sampler", 0)
     assert step_time.parse_config_name("skip0.125:rescore:compact16") == (0.125, "rescore", 16)
+    assert step_time.parse_config_name("skip0.25:fixed") == (0.25, "sampler", None)
+    assert step_time.fixed_length("skip0.25:fixed") and not step_time.fixed_length("skip0.25")
     for bad in ("skip1", "0.25", "skipx", "skip0.25:twice", "skip0:compactx"):
         with pytest.raises(ValueError, match="expected skip"):
             step_time.parse_config_name(bad)
