@@ -29,6 +29,7 @@ from nested_reft.reporting import (
     read_jsonl,
 )
 from nested_reft.trainer import NestedReFTTrainer
+from recipes.distributed import is_main_process, on_main_process, whole_model
 from recipes.model_loading import load_model_and_tokenizer
 from recipes.preflight import preflight
 from recipes.run_folder import prepare_run_folder, run_record
@@ -99,48 +100,64 @@ def main(argv=None) -> dict:
     preflight(model_path, training_args, train["prompt"], use_peft=model_args.use_peft,
               revision=model_args.model_revision)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
+    # With several processes the main one prepares it and reads the last summary; all use its answer.
     record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
                                                     "eval_path": script_args.eval_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
-                                     required=(NestedReFTTrainer.SKIP_STATE_FILE,))
+
+    def prepare():
+        out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
+                                         required=(NestedReFTTrainer.SKIP_STATE_FILE,))
+        path = out / "summary.json"
+        return out, resume, json.loads(path.read_text()) if path.exists() else {}
+
+    out, resume, previous = on_main_process(training_args, prepare)
+    main_process = is_main_process(training_args)
     training_args.output_dir = str(out)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,
                                                 use_peft=model_args.use_peft)
 
-    def held_out(label, model=model):
-        r = evaluate_math(model, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,
-                          max_new_tokens=script_args.eval_max_new_tokens, progress=True)
+    def held_out(label, model=model, trainer=None):
+        # every process evaluates (under ZeRO-3 all of them gather the weights); the main one reports
+        with whole_model(model, trainer) as whole:
+            r = evaluate_math(whole, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,
+                              max_new_tokens=script_args.eval_max_new_tokens, progress=main_process)
         logger.info("held-out greedy accuracy %s: %.1f%% (%d problems)", label, 100 * r.accuracy, r.n)
         return r
 
     summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if resume and "before" in previous:
         before = previous["before"]  # the run is resumed: the untrained model was evaluated already
         logger.info("resuming from %s", resume)
     else:
         before = held_out("before training").as_dict()
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+        if main_process:
+            summary_path.write_text(json.dumps({"before": before}, indent=2))
 
     trainer = NestedReFTTrainer(
         model=model, reward_funcs=[accuracy_reward, format_reward], args=training_args,
         train_dataset=train, processing_class=tokenizer, peft_config=get_peft_config(model_args),
     )
     if script_args.eval_every > 0:  # before the JSONL writer, so its rows carry heldout/accuracy
-        trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model).accuracy,
-                                                 script_args.eval_every))
+        trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model,
+                                                                  trainer).accuracy, script_args.eval_every))
     trainer.add_callback(JsonlMetricsCallback(out / "metrics.jsonl"))
     start = time.perf_counter()
+    # Closing an in-process vLLM engine destroys the default process group, which the processes of
+    # a multi-process run still use to save and (ZeRO-3) to gather: there it is closed last.
+    single = training_args.world_size == 1
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        trainer.engine.close()  # a colocated vLLM engine frees its memory before the evaluation
+        if single:
+            trainer.engine.close()  # a colocated vLLM engine frees its memory before the evaluation
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
     model = trainer.model
-    after = held_out("after training", trainer.model).as_dict()
+    after = held_out("after training", trainer.model, trainer).as_dict()
+    if not single:
+        trainer.engine.close()
 
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl") if main_process else []  # the main process writes it
     step_rows = [r for r in rows if "correction/ess" in r]
     def mean(key: str) -> float:  # over the steps that logged it (the probe logs only when it measures)
         values = [r[key] for r in step_rows if key in r]
@@ -162,6 +179,8 @@ def main(argv=None) -> dict:
         "weight_sync_seconds": mean("rollout/weight_sync_seconds"),
         "skip_history": [list(s) for s in trainer.skip_policy.history],
     }
+    if not main_process:  # the files and the table are the main process's (its summary has the means)
+        return summary
     summary_path.write_text(json.dumps(summary, indent=2))
     plot_training(rows, out / "training.png",
                   title=f"Nested-ReFT: skip_ratio={training_args.skip_ratio}, correction={training_args.correction}",
