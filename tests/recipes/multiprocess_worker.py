@@ -4,9 +4,9 @@ checks across processes. Run as
     accelerate launch --config_file CONFIG tests/recipes/multiprocess_worker.py EVIDENCE_DIR [recipe args]
 
 and it writes EVIDENCE_DIR/rank<r>.pt: the flat weights at the start and after every optimizer step
-(gathered under ZeRO-3), the skip set and sampling seed of every training round, the rank's own
-rows of the correction inputs before they are gathered, the ESS the skip controller was given,
-and how the run was distributed. The recipe itself runs unchanged, except for the accuracy
+(gathered under ZeRO-3), the skip set and sampling seed of every training round and how many
+parameter values the policy held as it sampled, the rank's own rows of the correction inputs
+before they are gathered, the ESS the skip controller was given, and how the run was distributed. The recipe itself runs unchanged, except for the accuracy
 reward: a random model never earns it, so every group would tie, every advantage would be 0 and
 the weights would never move; the reward here scores the sample's own text instead.
 """
@@ -50,7 +50,8 @@ TRAINERS = []
 class RecordingTrainer(NestedReFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.evidence = {"weights": [], "rounds": [], "seeds": [], "local_rows": [], "controller_ess": []}
+        self.evidence = {"weights": [], "rounds": [], "seeds": [], "local_rows": [], "controller_ess": [],
+                         "sampled_numel": []}
         self.add_callback(WeightRecorder(self))
         if self.skip_controller is not None:
             update = self.skip_controller.update
@@ -70,6 +71,8 @@ class RecordingTrainer(NestedReFTTrainer):
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         if self.model.training:
             self.evidence["seeds"].append((self._round, self._turn, self._sampling(self._turn).seed))
+            # what the policy's parameters hold as the engine samples (0 for a ZeRO-3 shard not gathered)
+            self.evidence["sampled_numel"].append(sum(p.numel() for p in self.model.parameters()))
         return super()._generate_single_turn(prompt_ids, *args, **kwargs)
 
     def _gather_rows(self, t):

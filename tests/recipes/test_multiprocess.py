@@ -4,6 +4,7 @@ gathered for each generation round) and ZeRO-3 with the colocated vLLM engine (g
 weight sync). Each process records evidence (tests/recipes/multiprocess_worker.py); the checks:
 
 - both ranks hold identical weights at the start and after every optimizer step, and they moved;
+- the in-process engine samples from whole parameters (under ZeRO-3, gathered for the round);
 - every round both ranks draw the same skip set, and the sets differ between rounds (so "the
   same" is not trivially true), while k follows the ESS controller;
 - no two (rank, round, turn) share a sampling seed, and each is `round_seed(seed, round, rank, turn)`;
@@ -104,6 +105,9 @@ def test_two_processes_train_as_one(case, small_model_dir, tmp_path):
         assert torch.equal(w0[step], w1[step]), f"ranks differ after step {step}"
         if step:
             assert (w0[step] - w0[step - 1]).abs().max() > 1e-4, f"step {step} did not move the weights"
+    # the in-process engine sampled from whole parameters (ZeRO-3: gathered), every round, on both ranks
+    if engine == "HFEngine":
+        assert all(e["sampled_numel"] == [w0[0].numel()] * STEPS for e in ranks), [e["sampled_numel"] for e in ranks]
     # one skip set per round, the same on both ranks
     rounds = ranks[0]["rounds"]
     assert rounds == ranks[1]["rounds"] and [i for i, _ in rounds] == list(range(STEPS))
