@@ -5,6 +5,8 @@ evaluations when ZeRO-3 shards it."""
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 
 def is_main_process(training_args) -> bool:
@@ -13,22 +15,31 @@ def is_main_process(training_args) -> bool:
 
 def on_main_process(training_args, fn):
     """`fn()` run by the main process alone, its result returned on every process (the others
-    wait for it); an exception it raises is raised on every process, so none is left waiting."""
+    wait for it). When it raises, the main process raises that error and the others one naming
+    it, so none is left waiting."""
     if training_args.world_size == 1:
         return fn()
     from accelerate.utils import broadcast_object_list
 
-    box = [None]
+    box, error = [None], None
     if is_main_process(training_args):
         try:
             box = [(True, fn())]
-        except Exception as e:  # noqa: BLE001  (re-raised below, on every process)
-            box = [(False, e)]
+        except Exception as e:  # noqa: BLE001  (raised below, after the others are told)
+            box, error = [(False, f"{type(e).__name__}: {e}")], e
     broadcast_object_list(box, from_process=0)
     ok, value = box[0]
+    if error is not None:
+        raise error
     if not ok:
-        raise value
+        raise RuntimeError(f"the main process stopped: {value}")
     return value
+
+
+def read_summary(out: Path, resume: str | None) -> tuple[Path, str | None, dict]:
+    """`prepare_run_folder`'s answer with the folder's last summary.json ({} when none)."""
+    path = Path(out) / "summary.json"
+    return out, resume, json.loads(path.read_text()) if path.exists() else {}
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from nested_reft.reporting import (
     read_jsonl,
 )
 from nested_reft.trainer import NestedReFTTrainer
-from recipes.distributed import is_main_process, on_main_process, whole_model
+from recipes.distributed import is_main_process, on_main_process, read_summary, whole_model
 from recipes.model_loading import load_model_and_tokenizer
 from recipes.preflight import preflight
 from recipes.run_folder import prepare_run_folder, run_record
@@ -103,14 +103,8 @@ def main(argv=None) -> dict:
     # With several processes the main one prepares it and reads the last summary; all use its answer.
     record = run_record(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
                                                     "eval_path": script_args.eval_path})
-
-    def prepare():
-        out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
-                                         required=(NestedReFTTrainer.SKIP_STATE_FILE,))
-        path = out / "summary.json"
-        return out, resume, json.loads(path.read_text()) if path.exists() else {}
-
-    out, resume, previous = on_main_process(training_args, prepare)
+    out, resume, previous = on_main_process(training_args, lambda: read_summary(*prepare_run_folder(
+        training_args.output_dir, record, script_args.fresh_run, required=(NestedReFTTrainer.SKIP_STATE_FILE,))))
     main_process = is_main_process(training_args)
     training_args.output_dir = str(out)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,

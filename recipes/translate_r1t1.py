@@ -28,6 +28,7 @@ from r1t1.data import load_parallel
 from r1t1.templates import TemplateSelector
 from r1t1.toy import toy_rows
 from r1t1.trainer import R1T1Trainer
+from recipes.distributed import is_main_process, on_main_process, read_summary, whole_model
 from recipes.preflight import preflight
 from recipes.run_folder import prepare_run_folder, run_record
 from recipes.translation_common import (
@@ -92,19 +93,21 @@ def main(argv=None) -> dict:
               hint=MISSING_MODEL_HINT)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"train_path": script_args.train_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run,
-                                     required=(R1T1Trainer.SKIP_STATE_FILE,))
+    out, resume, previous = on_main_process(training_args, lambda: read_summary(*prepare_run_folder(
+        training_args.output_dir, record, script_args.fresh_run, required=(R1T1Trainer.SKIP_STATE_FILE,))))
+    main_process = is_main_process(training_args)
     training_args.output_dir = str(out)
     model, tokenizer = load_model(model_path, model_args, use_cpu=a.use_cpu)
 
     summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if resume and "before" in previous:
         before = previous["before"]
         logger.info("resuming from %s", resume)
     else:
-        before = held_out(model, tokenizer, test, script_args, "before GRPO", a.seed)
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+        with whole_model(model) as whole:  # every process evaluates (ZeRO-3: gathered); the main one writes
+            before = held_out(whole, tokenizer, test, script_args, "before GRPO", a.seed)
+        if main_process:
+            summary_path.write_text(json.dumps({"before": before}, indent=2))
 
     trainer = R1T1Trainer(model=model, reward_funcs=[quality_reward, format_reward], args=a, train_dataset=train,
                           processing_class=tokenizer, peft_config=get_peft_config(model_args),
@@ -113,13 +116,16 @@ def main(argv=None) -> dict:
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
-    after = held_out(trainer.model, tokenizer, test, script_args, "after GRPO", a.seed)
+    with whole_model(trainer.model, trainer) as whole:
+        after = held_out(whole, tokenizer, test, script_args, "after GRPO", a.seed)
 
     steps = trainer.state.global_step
     summary = {"stage": "grpo", "model": model_path, "kl_mode": a.kl_mode, "beta": a.beta,
                "reward_metric": a.reward_metric, "template_mode": a.template_mode, "skip_ratio": a.skip_ratio,
                "steps": steps, "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, steps),
                "before": before, "after": after, "chrf_gain": after["greedy"]["chrf"] - before["greedy"]["chrf"]}
+    if not main_process:  # the files and the table are the main process's
+        return summary
     summary_path.write_text(json.dumps(summary, indent=2))
     plot(read_jsonl(out / "metrics.jsonl"), out / "training.png",
          f"R1-T1 GRPO: kl_mode={a.kl_mode}, beta={a.beta}, reward={a.reward_metric}", before, after, steps, GRPO_PANELS)

@@ -25,6 +25,7 @@ from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
 from r1t1.data import load_cot_jsonl
 from r1t1.templates import SELECTION_MODES, TemplateSelector, build_prompt, format_completion
 from r1t1.toy import toy_rows
+from recipes.distributed import is_main_process, on_main_process, read_summary, whole_model
 from recipes.run_folder import prepare_run_folder, run_record
 from recipes.translation_common import (
     TranslationDataArguments,
@@ -84,18 +85,21 @@ def main(argv=None) -> dict:
     model_path = model_args.model_name_or_path or embedded_model(script_args)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"cot_path": script_args.cot_path})
-    out, resume = prepare_run_folder(training_args.output_dir, record, script_args.fresh_run)
+    out, resume, previous = on_main_process(training_args, lambda: read_summary(*prepare_run_folder(
+        training_args.output_dir, record, script_args.fresh_run)))
+    main_process = is_main_process(training_args)
     training_args.output_dir = str(out)
     model, tokenizer = load_model(model_path, model_args, use_cpu=training_args.use_cpu)
 
     summary_path = out / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if resume and "before" in previous:
         before = previous["before"]
         logger.info("resuming from %s", resume)
     else:
-        before = held_out(model, tokenizer, test, script_args, "before SFT", training_args.seed)
-        summary_path.write_text(json.dumps({"before": before}, indent=2))
+        with whole_model(model) as whole:  # every process evaluates (ZeRO-3: gathered); the main one writes
+            before = held_out(whole, tokenizer, test, script_args, "before SFT", training_args.seed)
+        if main_process:
+            summary_path.write_text(json.dumps({"before": before}, indent=2))
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args), callbacks=[JsonlMetricsCallback(out / "metrics.jsonl")])
@@ -103,13 +107,17 @@ def main(argv=None) -> dict:
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
-    after = held_out(trainer.model, tokenizer, test, script_args, "after SFT", training_args.seed)
+    if main_process:
+        tokenizer.save_pretrained(str(out / "final"))
+    with whole_model(trainer.model, trainer) as whole:
+        after = held_out(whole, tokenizer, test, script_args, "after SFT", training_args.seed)
 
     steps = trainer.state.global_step
     summary = {"stage": "sft", "model": model_path, "corpus": script_args.cot_path or "toylang",
                "template_mode": script_args.template_mode, "train_examples": len(train), "steps": steps,
                "train_seconds": train_seconds, "before": before, "after": after, "final_model": str(out / "final")}
+    if not main_process:  # the files and the table are the main process's
+        return summary
     summary_path.write_text(json.dumps(summary, indent=2))
     plot(read_jsonl(out / "metrics.jsonl"), out / "training.png", "R1-T1 cold start (SFT)", before, after, steps, SFT_PANELS)
     print_table(before, after, f"after SFT ({steps} steps, {train_seconds:.0f} s)")
