@@ -224,3 +224,46 @@ def test_config_loads_and_preflight_decides(config, monkeypatch):
         else:
             with pytest.raises(ValueError, match=error):
                 check_engine_and_sharding(args, use_peft=False)
+
+
+# ---------------------------------------------------------------- decisions made once
+
+def _decide(rank: int, port: int, results) -> None:
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from recipes.distributed import on_main_process
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    PartialState(cpu=True)  # a gloo group of 2, as the recipes' TrainingArguments make it
+    args = SimpleNamespace(world_size=2, process_index=rank)
+    calls = []
+    shared = on_main_process(args, lambda: calls.append(rank) or {"folder": "run-1", "rank": rank})
+
+    def refuse():
+        raise ValueError("run holds another run's checkpoints")
+
+    try:
+        on_main_process(args, refuse)
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    results[rank] = (shared, calls, error)
+
+
+@pytest.mark.slow
+def test_on_main_process_runs_once_and_shares_answer_and_error():
+    """The main process alone decides (the run folder), every process gets its answer, and when it
+    fails every process fails (none waits forever for an answer)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_decide, args=(free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[0][0] == results[1][0] == {"folder": "run-1", "rank": 0}
+    assert results[0][1] == [0] and results[1][1] == []  # fn ran on the main process only
+    assert results[0][2] == "ValueError: run holds another run's checkpoints"
+    assert results[1][2] == "RuntimeError: the main process stopped: ValueError: run holds another run's checkpoints"
