@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Data first: a bad path or field fails before any model is loaded.
     train, test = load_train_and_heldout(script_args, training_args.seed)
-    model_path = resolve_model(model_args, script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = resolve_model(model_args, script_args)
     preflight(model_path, training_args, train["prompt"], use_peft=model_args.use_peft,
               revision=model_args.model_revision)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.

@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows])
     test = held_out_rows(script_args, selector, corpus=script_args.train_path)
     quality_reward = make_translation_reward(a.reward_metric, a.comet_model)
-    model_path = model_args.model_name_or_path or embedded_model(script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = model_args.model_name_or_path or embedded_model(script_args)
     preflight(model_path, a, train["prompt"], use_peft=model_args.use_peft, revision=model_args.model_revision,
               hint=MISSING_MODEL_HINT)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.

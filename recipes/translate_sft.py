@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     selector = TemplateSelector(script_args.template_mode, script_args.template, script_args.templates, seed=training_args.seed)
     train = datasets.Dataset.from_list(sft_rows(script_args, selector, training_args.seed))
     test = held_out_rows(script_args, selector, corpus=script_args.cot_path)
-    model_path = model_args.model_name_or_path or embedded_model(script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = model_args.model_name_or_path or embedded_model(script_args)
     # A used folder is resumed only by the same run (model, data, settings); see recipes/run_folder.py.
     record = run_record(model_path, training_args, {"cot_path": script_args.cot_path})
     out, resume, previous = on_main_process(training_args, lambda: read_summary(*prepare_run_folder(
