@@ -113,7 +113,7 @@ def check_engine_and_sharding(args, use_peft: bool) -> None:
     if engine == "vllm" and processes > 1 and torch.cuda.is_available() and not getattr(args, "use_cpu", False):
         raise ValueError(f"engine='vllm' with {processes} trainer processes: each process starts its own in-process "
                          "vLLM, and vLLM's single-process executor puts every one of them on cuda:0. Use "
-                         "engine='vllm_server' (docs/scaling.md), or one trainer process with vllm_tensor_parallel_size")
+                         "engine='vllm_server' (docs/scaling.md), engine='hf', or one trainer process")
     if use_peft and behavior == "pot":
         raise ValueError("behavior='pot' quantizes a full copy of the policy; with use_peft the adapters would not "
                          "be in it: use behavior='skip' with PEFT, or train without PEFT")
