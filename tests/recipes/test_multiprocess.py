@@ -253,7 +253,6 @@ def _decide(rank: int, port: int, results) -> None:
     results[rank] = (shared, calls, error)
 
 
-@pytest.mark.slow
 def test_on_main_process_runs_once_and_shares_answer_and_error():
     """The main process alone decides (the run folder), every process gets its answer, and when it
     fails every process fails (none waits forever for an answer)."""
