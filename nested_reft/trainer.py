@@ -10,6 +10,7 @@ term (unweighted, as in TRL), logging, checkpoints and PEFT left to TRL.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable
 
 from .config import NestedReFTConfig
@@ -129,15 +130,25 @@ class NestedReFTTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if self.engine.sleep_enabled:  # the colocated engine slept through the optimizer step
             self.engine.wake_up()
-        self._begin_round(mode)
-        try:
-            output = super()._generate(prompts)
-        finally:
-            self._round_open = False
-        self._end_round(mode, output[0])
+        with self._whole_policy_for_sampling():
+            self._begin_round(mode)
+            try:
+                output = super()._generate(prompts)
+            finally:
+                self._round_open = False
+            self._end_round(mode, output[0])
         if self.engine.sleep_enabled:  # hand its GPU memory to the backward pass until the next round
             self.engine.sleep(level=1)
         return output
+
+    def _whole_policy_for_sampling(self):
+        """Under ZeRO-3 an engine sampling from the policy's own parameters would see this rank's
+        shards: gather the whole policy on every rank for the round (TRL's helper, as TRL does for
+        its own generation), once, so no rank's sampling waits on another's."""
+        if not (self._dist.is_zero3 and self.engine.shares_policy_weights):
+            return contextlib.nullcontext()
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=True,
+                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
 
     def _begin_round(self, mode: str) -> None:
         self._round_start_policy = self.skip_policy.state_dict()
@@ -231,7 +242,9 @@ class NestedReFTTrainer(GRPOTrainer):
         if self.engine.shares_policy_weights or self._synced_step == self.state.global_step:
             return
         start = time.perf_counter()
-        with changed_weights(self.accelerator.unwrap_model(self.model)) as named:
+        # under ZeRO-3 each rank holds shards: every rank gathers the whole tensors to send them
+        with self._dist.gather_params(list(self.model.parameters())), \
+                changed_weights(self.accelerator.unwrap_model(self.model)) as named:
             self.engine.load_weights(named)
             count = len(named)
         seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from nested_reft.reporting import (
     read_jsonl,
 )
 from nested_reft.trainer import NestedReFTTrainer
+from recipes.distributed import whole_model
 from recipes.model_loading import load_model_and_tokenizer
 from recipes.preflight import preflight
 from recipes.skeleton import open_run, parse
@@ -92,19 +93,22 @@ def main(argv=None) -> dict:
     script_args, training_args, model_args = parse((MathReFTArguments, NestedReFTConfig, ModelConfig), argv)
     # Data first: a bad path or field fails before any model is loaded.
     train, test = load_train_and_heldout(script_args, training_args.seed)
-    model_path = resolve_model(model_args, script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = resolve_model(model_args, script_args)
     preflight(model_path, training_args, train["prompt"], use_peft=model_args.use_peft,
               revision=model_args.model_revision)
     run = open_run(model_path, training_args, {"dataset": script_args.dataset_path or script_args.dataset_name,
                                                "eval_path": script_args.eval_path},
                    script_args.fresh_run, required=(NestedReFTTrainer.SKIP_STATE_FILE,))
-    out = run.out
+    out, main_process = run.out, run.is_main
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, use_cpu=training_args.use_cpu,
                                                 use_peft=model_args.use_peft)
 
-    def held_out(label, model=model):
-        r = evaluate_math(model, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,
-                          max_new_tokens=script_args.eval_max_new_tokens, progress=True)
+    def held_out(label, model=model, trainer=None):
+        # every process evaluates (under ZeRO-3 all of them gather the weights); the main one reports
+        with whole_model(model, trainer) as whole:
+            r = evaluate_math(whole, tokenizer, test, temperature=0.0, batch_size=script_args.eval_batch_size,
+                              max_new_tokens=script_args.eval_max_new_tokens, progress=main_process)
         logger.info("held-out greedy accuracy %s: %.1f%% (%d problems)", label, 100 * r.accuracy, r.n)
         return r
 
@@ -115,13 +119,14 @@ def main(argv=None) -> dict:
         train_dataset=train, processing_class=tokenizer, peft_config=get_peft_config(model_args),
     )
     if script_args.eval_every > 0:  # before the JSONL writer, so its rows carry heldout/accuracy
-        trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model).accuracy,
-                                                 script_args.eval_every))
+        trainer.add_callback(HeldOutEvalCallback(lambda: held_out(f"at step {trainer.state.global_step}", trainer.model,
+                                                                  trainer).accuracy, script_args.eval_every))
     trainer.add_callback(JsonlMetricsCallback(run.metrics_path))
     train_seconds = run.train(trainer)
-    after = held_out("after training", trainer.model).as_dict()
+    after = held_out("after training", trainer.model, trainer).as_dict()
+    run.close_engine(trainer)
 
-    rows = read_jsonl(run.metrics_path)
+    rows = read_jsonl(run.metrics_path) if main_process else []  # the main process writes it
     step_rows = [r for r in rows if "correction/ess" in r]
     def mean(key: str) -> float:  # over the steps that logged it (the probe logs only when it measures)
         values = [r[key] for r in step_rows if key in r]
@@ -143,6 +148,8 @@ def main(argv=None) -> dict:
         "weight_sync_seconds": mean("rollout/weight_sync_seconds"),
         "skip_history": [list(s) for s in trainer.skip_policy.history],
     }
+    if not main_process:  # the files and the table are the main process's (its summary has the means)
+        return summary
     run.write_summary(summary)
     plot_training(rows, out / "training.png",
                   title=f"Nested-ReFT: skip_ratio={training_args.skip_ratio}, correction={training_args.correction}",

@@ -1,12 +1,15 @@
 """Checks a recipe runs before it loads any weights: the model path, its config and tokenizer (both
 a few kilobytes), the skip policy against the real depth, prompt lengths against the context, and
-combinations the engines cannot run. Each failure is one error that names the bad value."""
+combinations the engines cannot run, alone or sharded over several processes (docs/scaling.md).
+Each failure is one error that names the bad value."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import archs  # noqa: F401  (registers the architecture families with the Auto classes)
@@ -66,22 +69,55 @@ def deepspeed_zero_stage(deepspeed) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0) or 0)
 
 
-def check_engine_and_sharding(args, use_peft: bool) -> None:
-    """The in-process HF engine samples from the policy's parameters as they sit on this rank:
-    under FSDP or ZeRO-3 those are shards, so it would sample from garbage."""
+def launch_sharding(args) -> tuple[int, str | None, int]:
+    """(processes, 'deepspeed' | 'fsdp' | None, ZeRO stage) of this run, from what `accelerate launch`
+    sets in the environment (its config's stage, or a DeepSpeed JSON it names) and from the
+    TrainingArguments (`--deepspeed`, `--fsdp`)."""
     from recipes.model_loading import sharding_from_env
 
-    _, env_stage = sharding_from_env()
-    stage = max(env_stage, deepspeed_zero_stage(getattr(args, "deepspeed", None)))
-    if getattr(args, "fsdp", None):
-        stage = max(stage, 3)
-    if args.engine == "hf" and stage >= 3:
-        raise ValueError(f"engine='hf' samples from this rank's parameters, which FSDP / ZeRO-3 shard (stage {stage}): "
-                         "use engine='vllm' or 'vllm_server', or ZeRO-2 / DDP (recipes/accelerate/)")
-    if use_peft and getattr(args, "behavior", "skip") == "pot":
+    processes, _ = sharding_from_env()
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or getattr(args, "fsdp", None):
+        return processes, "fsdp", 0
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if launched or getattr(args, "deepspeed", None):
+        stage = max(int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0) if launched else 0,
+                    deepspeed_zero_stage(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if launched else None),
+                    deepspeed_zero_stage(getattr(args, "deepspeed", None)))
+        return processes, "deepspeed", stage
+    return processes, None, 0
+
+
+def check_engine_and_sharding(args, use_peft: bool) -> None:
+    """Combinations of engine, behavior model and sharding that would sample from, or send, the
+    wrong weights. DDP and ZeRO-1/2 keep the whole policy on every rank. ZeRO-3 shards it; the
+    trainer gathers it for each generation round of the in-process engine and for each weight
+    sync, and the recipes gather it for their evaluations. FSDP shards it too and is not gathered."""
+    processes, sharding, stage = launch_sharding(args)
+    engine, behavior = args.engine, getattr(args, "behavior", "skip")
+    if sharding == "fsdp":
+        raise ValueError(f"FSDP keeps only shards of the policy between forwards, and engine={engine!r} would sample "
+                         "from them (hf) or send them as weights (vllm, vllm_server): use DeepSpeed ZeRO-3, which the "
+                         "trainer gathers (recipes/accelerate/deepspeed_zero3.yaml), or DDP / ZeRO-2")
+    if stage >= 3 and behavior in ("pot", "balcony"):
+        raise ValueError(f"behavior={behavior!r} builds its sampler from the policy's parameters, which ZeRO-3 shards "
+                         "and it does not gather: use ZeRO-2 or DDP (recipes/accelerate/), or behavior='skip'")
+    if stage >= 3 and engine == "hf" and not getattr(args, "ds3_gather_for_generation", True):
+        raise ValueError("ds3_gather_for_generation=False with ZeRO-3 and engine='hf' would sample layer by layer from "
+                         "shards, and ranks ending their rounds at different lengths would wait on each other "
+                         "forever: keep ds3_gather_for_generation true (the default)")
+    joined = getattr(args, "world_size", processes)
+    if processes > 1 and joined != processes:
+        raise ValueError(f"the launcher started {processes} processes, but they joined no process group ({joined} "
+                         "each), so each would train alone on the same output_dir: on a machine without a GPU pass "
+                         "--use_cpu true (DDP: recipes/accelerate/multi_cpu.yaml; DeepSpeed too)")
+    if engine == "vllm" and processes > 1 and torch.cuda.is_available() and not getattr(args, "use_cpu", False):
+        raise ValueError(f"engine='vllm' with {processes} trainer processes: each process starts its own in-process "
+                         "vLLM, and vLLM's single-process executor puts every one of them on cuda:0. Use "
+                         "engine='vllm_server' (docs/scaling.md), engine='hf', or one trainer process")
+    if use_peft and behavior == "pot":
         raise ValueError("behavior='pot' quantizes a full copy of the policy; with use_peft the adapters would not "
                          "be in it: use behavior='skip' with PEFT, or train without PEFT")
-    if use_peft and getattr(args, "behavior", "skip") == "balcony":
+    if use_peft and behavior == "balcony":
         raise ValueError("behavior='balcony' with use_peft is not supported (the exit is built on the plain base): use "
                          "behavior='skip' with PEFT, or train without PEFT")
 

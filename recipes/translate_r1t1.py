@@ -26,6 +26,7 @@ from r1t1.data import load_parallel
 from r1t1.templates import TemplateSelector
 from r1t1.toy import toy_rows
 from r1t1.trainer import R1T1Trainer
+from recipes.distributed import whole_model
 from recipes.preflight import preflight
 from recipes.skeleton import open_run, parse
 from recipes.translation_common import (
@@ -90,7 +91,8 @@ def main(argv=None) -> dict:
                                              target_languages={r["tgt_lang"] for r in rows},
                                              comet_batch_size=a.comet_batch_size, comet_gpus=a.comet_gpus, **reward_kwargs)
     preflight_prompts = [r["prompt"] for r in rows]
-    model_path = model_args.model_name_or_path or embedded_model(script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = model_args.model_name_or_path or embedded_model(script_args)
     preflight(model_path, a, preflight_prompts, use_peft=model_args.use_peft, revision=model_args.model_revision,
               hint=MISSING_MODEL_HINT)
     run = open_run(model_path, training_args, {"train_path": script_args.train_path}, script_args.fresh_run,
@@ -101,13 +103,16 @@ def main(argv=None) -> dict:
         rows = [{**r, "prompt": render_chat(r["prompt"], tokenizer)} for r in rows]
     train = datasets.Dataset.from_list(rows)
 
-    before = run.before(lambda: held_out(model, tokenizer, test, script_args, "before GRPO", a.seed, gate=a.format_gate))
+    with whole_model(model) as whole:  # every process evaluates (ZeRO-3: gathered); the main one writes
+        before = run.before(lambda: held_out(whole, tokenizer, test, script_args, "before GRPO", a.seed, gate=a.format_gate))
 
     trainer = R1T1Trainer(model=model, reward_funcs=[quality_reward, make_format_reward(**reward_kwargs)], args=a, train_dataset=train,
                           processing_class=tokenizer, peft_config=get_peft_config(model_args),
                           callbacks=[JsonlMetricsCallback(run.metrics_path)])
     train_seconds = run.train(trainer)
-    after = held_out(trainer.model, tokenizer, test, script_args, "after GRPO", a.seed, gate=a.format_gate)
+    with whole_model(trainer.model, trainer) as whole:
+        after = held_out(whole, tokenizer, test, script_args, "after GRPO", a.seed, gate=a.format_gate)
+    run.close_engine(trainer)
 
     steps = trainer.state.global_step
     summary = {"stage": "grpo", "model": model_path, "kl_mode": a.kl_mode, "beta": a.beta,
@@ -115,6 +120,8 @@ def main(argv=None) -> dict:
                "format_gate": a.format_gate, "prompt_style": script_args.prompt_style if script_args.train_path else "toy",
                "steps": steps, "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, steps),
                "before": before, "after": after, "chrf_gain": after["greedy"]["chrf"] - before["greedy"]["chrf"]}
+    if not run.is_main:  # the files and the table are the main process's
+        return summary
     run.write_summary(summary)
     plot(read_jsonl(run.metrics_path), out / "training.png",
          f"R1-T1 GRPO: kl_mode={a.kl_mode}, beta={a.beta}, reward={a.reward_metric}", before, after, steps, GRPO_PANELS)

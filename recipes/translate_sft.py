@@ -23,6 +23,7 @@ from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
 from r1t1.data import load_authors_cot, load_cot_jsonl
 from r1t1.templates import SELECTION_MODES, TemplateSelector, build_prompt, format_completion
 from r1t1.toy import toy_rows
+from recipes.distributed import whole_model
 from recipes.skeleton import open_run, parse
 from recipes.translation_common import (
     TranslationDataArguments,
@@ -89,22 +90,27 @@ def main(argv=None) -> dict:
     selector = TemplateSelector(script_args.template_mode, script_args.template, script_args.templates, seed=training_args.seed)
     train = datasets.Dataset.from_list(sft_rows(script_args, selector, training_args.seed))
     test = held_out_rows(script_args, selector, corpus=script_args.cot_path)
-    model_path = model_args.model_name_or_path or embedded_model(script_args)
+    with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
+        model_path = model_args.model_name_or_path or embedded_model(script_args)
     run = open_run(model_path, training_args, {"cot_path": script_args.cot_path}, script_args.fresh_run)
     out = run.out
     model, tokenizer = load_model(model_path, model_args, use_cpu=training_args.use_cpu)
 
-    before = run.before(lambda: held_out(model, tokenizer, test, script_args, "before SFT", training_args.seed))
+    with whole_model(model) as whole:  # every process evaluates (ZeRO-3: gathered); the main one writes
+        before = run.before(lambda: held_out(whole, tokenizer, test, script_args, "before SFT", training_args.seed))
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args), callbacks=[JsonlMetricsCallback(run.metrics_path)])
     train_seconds = run.train(trainer, save_tokenizer=tokenizer)
-    after = held_out(trainer.model, tokenizer, test, script_args, "after SFT", training_args.seed)
+    with whole_model(trainer.model, trainer) as whole:
+        after = held_out(whole, tokenizer, test, script_args, "after SFT", training_args.seed)
 
     steps = trainer.state.global_step
     summary = {"stage": "sft", "model": model_path, "corpus": script_args.cot_path or "toylang",
                "template_mode": script_args.template_mode, "train_examples": len(train), "steps": steps,
                "train_seconds": train_seconds, "before": before, "after": after, "final_model": str(out / "final")}
+    if not run.is_main:  # the files and the table are the main process's
+        return summary
     run.write_summary(summary)
     plot(read_jsonl(run.metrics_path), out / "training.png", "R1-T1 cold start (SFT)", before, after, steps, SFT_PANELS)
     print_table(before, after, f"after SFT ({steps} steps, {train_seconds:.0f} s)")

@@ -101,7 +101,7 @@ MATH = [  # (rule, extra argv, exception, message pattern)
     ("unknown data format", ["--dataset_format", "csvish"], ValueError, r"unknown format 'csvish'"),
     ("prompt longer than context", ["--model_name_or_path", "{short}"], ValueError, r"> the model's context of 24"),
     ("tokenizer without chat template", ["--model_name_or_path", "{plain}"], ValueError, r"has no chat template"),
-    ("FSDP with the in-process engine", ["--fsdp", "full_shard"], ValueError, r"engine='hf' .* FSDP / ZeRO-3 shard"),
+    ("FSDP with the in-process engine", ["--fsdp", "full_shard"], ValueError, r"FSDP keeps only shards .* engine='hf'"),
 ]
 
 TRANSLATION = [
@@ -149,20 +149,22 @@ def check(recipe, argv, error, pattern, files, tmp_path, capsys):
 @pytest.mark.parametrize("env, deepspeed", [({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None),
                                            ({}, {"zero_optimization": {"stage": 3}})])
 def test_zero3_with_the_in_process_engine(env, deepspeed, monkeypatch):
-    """Checked on the arguments directly: TrainingArguments itself needs DeepSpeed installed to
-    parse a DeepSpeed run, and it is not installed here."""
+    """ZeRO-3 shards the policy: the trainer gathers it for engine='hf' (tests/recipes/test_multiprocess.py
+    runs it), but not layer by layer, and not for the behavior models built from the policy."""
     from types import SimpleNamespace
 
     from recipes.preflight import check_engine_and_sharding
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    args = SimpleNamespace(engine="hf", deepspeed=deepspeed, fsdp=None, behavior="skip")
-    with pytest.raises(ValueError, match=r"FSDP / ZeRO-3 shard \(stage 3\)"):
-        check_engine_and_sharding(args, use_peft=False)
-    check_engine_and_sharding(SimpleNamespace(**{**vars(args), "engine": "vllm_server"}), use_peft=False)
+    args = SimpleNamespace(engine="hf", deepspeed=deepspeed, fsdp=None, behavior="skip", ds3_gather_for_generation=True)
+    check_engine_and_sharding(args, use_peft=False)
+    with pytest.raises(ValueError, match=r"ds3_gather_for_generation=False with ZeRO-3"):
+        check_engine_and_sharding(SimpleNamespace(**{**vars(args), "ds3_gather_for_generation": False}), use_peft=False)
+    with pytest.raises(ValueError, match=r"behavior='pot' builds its sampler .* ZeRO-3 shards"):
+        check_engine_and_sharding(SimpleNamespace(**{**vars(args), "behavior": "pot"}), use_peft=False)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    check_engine_and_sharding(SimpleNamespace(**{**vars(args), "deepspeed": {"zero_optimization": {"stage": 2}}}),
+    check_engine_and_sharding(SimpleNamespace(**{**vars(args), "behavior": "pot", "deepspeed": {"zero_optimization": {"stage": 2}}}),
                               use_peft=False)  # ZeRO-2 keeps whole parameters on every rank
 
 

@@ -31,7 +31,10 @@ def test_before_is_measured_once_and_kept_on_resume(tmp_path):
     fresh = Run(tmp_path, resume=None)
     assert fresh.before(lambda: calls.append(1) or {"accuracy": 0.25}) == {"accuracy": 0.25}
     assert json.loads(fresh.summary_path.read_text()) == {"before": {"accuracy": 0.25}}
-    resumed = Run(tmp_path, resume=str(tmp_path / "checkpoint-2"))
+    from recipes.distributed import read_summary
+
+    _, _, previous = read_summary(tmp_path, None)  # what open_run reads from the folder
+    resumed = Run(tmp_path, resume=str(tmp_path / "checkpoint-2"), previous=previous)
     assert resumed.before(lambda: calls.append(2) or {"accuracy": 0.9}) == {"accuracy": 0.25}
     assert calls == [1]
 
@@ -53,3 +56,18 @@ def test_train_closes_the_engine_even_when_training_fails(tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         Run(tmp_path, resume="ckpt").train(Trainer())
     assert closed == [True]
+    # with several processes the engine stays open until close_engine (after the last gather/save)
+    run = Run(tmp_path, resume="ckpt", world_size=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run.train(Trainer())
+    assert closed == [True]
+    run.close_engine(Trainer())
+    run.close_engine(Trainer())
+    assert closed == [True, True]  # once
+
+
+def test_only_the_main_process_writes(tmp_path):
+    run = Run(tmp_path, resume=None, is_main=False, world_size=2)
+    assert run.before(lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
+    run.write_summary({"after": 1})
+    assert not run.summary_path.exists()
