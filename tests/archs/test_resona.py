@@ -269,6 +269,25 @@ def test_perturbing_a_token_changes_no_logit_before_it():
             assert not torch.equal(logits[:, s], base[:, s])
 
 
+@pytest.mark.parametrize("mixing", ["parallel_gate", "residual_gate"])
+def test_branch_mixes_the_gated_read_into_the_mixer_output(mixing):
+    """y = (1 − g) ⊙ M + g ⊙ R (parallel_gate) or M + g ⊙ R (residual_gate), R = W_o(read), g = tanh(α) ⊙
+    σ(W_g x + b_g), with α and b_g random so that no term vanishes (float64, 1e-12)."""
+    module = retrieval_module(retrieval_mixing=mixing)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        module.gate_scale.copy_(torch.randn(32, generator=g, dtype=torch.float64))
+        module.gate_proj.bias.copy_(torch.randn(32, generator=g, dtype=torch.float64))
+        x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+        mixer_out = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+        valid = torch.ones(2, 9, dtype=torch.bool)
+        read = module.o_proj(module.attend(x, mixer_out, valid).transpose(1, 2).reshape(2, 9, 32))
+        gate = torch.tanh(module.gate_scale) * torch.sigmoid(x @ module.gate_proj.weight.T + module.gate_proj.bias)
+        want = (1 - gate) * mixer_out + gate * read if mixing == "parallel_gate" else mixer_out + gate * read
+        torch.testing.assert_close(module(x, mixer_out, valid), want, atol=1e-12, rtol=1e-12)
+    assert read[:, C:].abs().min() > 0  # tokens from position C on read something
+
+
 def test_layer_feeds_the_branch_the_normed_input_and_the_mixers_output():
     """The branch is parallel: it gets the same normed layer input as the mixer, and the mixer's output."""
     model = tiny()
