@@ -6,5 +6,6 @@ from . import (  # noqa: F401
     echo,  # ECHO: layers that read an earlier layer's K/V
     integral,  # Integral attention
     regla,  # ReGLA: gated linear attention (and softmax hybrids)
+    resona,  # Resona: a recurrent model that reads chunks retrieved from its context
     scout,  # SCOUT: mixer + checkpoint-attention double blocks
 )

@@ -188,11 +188,15 @@ def softmax_mask(valid: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
 
 
 class ReglaModel(ReglaPreTrainedModel):
+    # What a family built on ReGLA (Resona) replaces: the decoder layer and the cache it decodes with.
+    decoder_layer_class = ReglaDecoderLayer
+    cache_class = ReglaCache
+
     def __init__(self, config: ReglaConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([ReglaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config) if config.softmax_layers else None
         self.gradient_checkpointing = False
@@ -213,9 +217,10 @@ class ReglaModel(ReglaPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, ReglaCache):
-            raise TypeError(f"ReGLA needs a ReglaCache, got {type(past_key_values).__name__}")
-        cache = past_key_values if past_key_values is not None else (ReglaCache() if use_cache else None)
+        if past_key_values is not None and not isinstance(past_key_values, self.cache_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.cache_class.__name__}, "
+                            f"got {type(past_key_values).__name__}")
+        cache = past_key_values if past_key_values is not None else (self.cache_class() if use_cache else None)
 
         batch, length = inputs_embeds.shape[:2]
         valid = _chunk_validity(attention_mask, batch, length, cache.columns if cache is not None else 0,
@@ -250,10 +255,11 @@ class ReglaModel(ReglaPreTrainedModel):
 
 class ReglaForCausalLM(ReglaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class = ReglaModel  # Resona replaces it
 
     def __init__(self, config: ReglaConfig):
         super().__init__(config)
-        self.model = ReglaModel(config)
+        self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -274,13 +280,14 @@ class ReglaForCausalLM(ReglaPreTrainedModel, GenerationMixin):
                                       hidden_states=outputs.hidden_states)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets a ReglaCache, never a DynamicCache/StaticCache."""
+        """generate() gets the family's own cache (a ReglaCache), never a DynamicCache/StaticCache."""
+        cache_class = self.model.cache_class
         if generation_config.cache_implementation is not None:
-            raise ValueError(f"ReGLA generates with its own ReglaCache; cache_implementation="
+            raise ValueError(f"{type(self).__name__} generates with its own {cache_class.__name__}; cache_implementation="
                              f"{generation_config.cache_implementation!r} is not supported")
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        model_kwargs["past_key_values"] = ReglaCache()
+        model_kwargs["past_key_values"] = cache_class()
 
 
 __all__ = ["ReglaForCausalLM", "ReglaModel", "ReglaPreTrainedModel"]
