@@ -92,7 +92,8 @@ def mqar_batch(task: MQARTask, batch: int, pairs: int, length: int, generator: t
 
 
 def build_models(task: MQARTask, args) -> dict:
-    """The three models, each from the same seed; ReGLA and Resona share every ReGLA weight at init."""
+    """The three models, each from the same seed; Resona starts from plain ReGLA's weights (its own are
+    the retrieval branch's only), so the two differ by the branch alone."""
     shared = dict(vocab_size=task.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                   max_position_embeddings=max(args.lengths), tie_word_embeddings=True, pad_token_id=0,
@@ -107,6 +108,8 @@ def build_models(task: MQARTask, args) -> dict:
             models[name] = ReglaForCausalLM(ReglaConfig(**shared, **regla))
         elif name == "resona":
             models[name] = ResonaForCausalLM(ResonaConfig(**shared, **regla, **retrieval))
+            missing, unexpected = models[name].load_state_dict(models["regla"].state_dict(), strict=False)
+            assert not unexpected and all(".retrieval." in key for key in missing), (missing, unexpected)
         else:
             models[name] = LlamaForCausalLM(LlamaConfig(**shared, attn_implementation="sdpa"))
     return models

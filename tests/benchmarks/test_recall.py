@@ -93,6 +93,13 @@ def test_selection_hits_count_the_chunk_that_holds_the_answer(monkeypatch):
     assert recall.selection_hits(every, TASK, 4, 24, n=6, batch_size=4, seed=0) == 1.0
 
 
+def test_resona_starts_from_the_plain_models_weights():
+    models = recall.build_models(TASK, recall.parse(["--hidden", "16", "--heads", "2", "--lengths", "24"]))
+    regla, resona = models["regla"].state_dict(), models["resona"].state_dict()
+    assert all(torch.equal(resona[k], v) for k, v in regla.items())
+    assert {k for k in resona if k not in regla} == {k for k in resona if ".retrieval." in k} != set()
+
+
 def test_training_batches_share_every_pair_count_and_alternate_lengths():
     args = recall.parse(["--pairs", "2", "4", "--lengths", "16", "32", "--batch_size", "5"])
     g = torch.Generator().manual_seed(0)
