@@ -1,17 +1,18 @@
 """Multi-query associative recall (MQAR, SPEC §8): does retrieval give a linear recurrent model the recall
 its fixed-size state lacks?
 
-    python -m benchmarks.recall [--steps 600] [--pairs 4 8 16 32] [--lengths 96 160] [--output_dir outputs/recall]
+    python -m benchmarks.recall [--steps 1000] [--pairs 4 8 16] [--lengths 64 128] [--output_dir outputs/recall]
 
 Each sequence holds `pairs` key–value pairs (distinct random keys, random values), then filler tokens, then
 every key once more in a new order, each followed by its value; the loss and the accuracy count only the
 answers (the values after the queried keys). Generated in-house from a seeded `torch.Generator`.
 
-Three models of the same width, depth and heads train the same steps on the same batches (each step
-draws one (pairs, length) setting of the grid): plain ReGLA with a small recurrent state (`--feature_dim`),
-the same ReGLA with Resona retrieval in its last layer, and a Llama (softmax attention, RoPE) baseline.
-Then recall accuracy (argmax = the value) on held-out sequences of every setting. A ReGLA layer's
-state holds H·Dk·Dv numbers; Resona's cache grows with the tokens seen.
+Three models of the same width, depth and heads train the same steps on the same batches (step i has
+length `lengths[i mod len(lengths)]`, its batch an equal share of every pair count): plain ReGLA with a
+small recurrent state (`--feature_dim`), the same ReGLA with Resona retrieval in its last layer, and a
+Llama (softmax attention, RoPE) baseline. Then recall accuracy (argmax = the value) on held-out
+sequences of every setting, and for Resona how often the retrieval picked the chunk that holds the
+answer (any head). A ReGLA layer's state holds H·Dk·Dv numbers; Resona's cache grows with the tokens.
 
 Writes `recall.json`, `recall.md` and `recall.png` under `--output_dir`.
 """
@@ -46,7 +47,7 @@ class MQARTask:
 
     num_keys: int = 64
     num_values: int = 64
-    num_filler: int = 4
+    num_filler: int = 16
 
     @property
     def vocab_size(self) -> int:
@@ -91,11 +92,12 @@ def mqar_batch(task: MQARTask, batch: int, pairs: int, length: int, generator: t
 
 
 def build_models(task: MQARTask, args) -> dict:
-    """The three models, each from the same seed; ReGLA and Resona share every ReGLA weight at init."""
+    """The three models, each from the same seed; Resona starts from plain ReGLA's weights (its own are
+    the retrieval branch's only), so the two differ by the branch alone."""
     shared = dict(vocab_size=task.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                   max_position_embeddings=max(args.lengths), tie_word_embeddings=True, pad_token_id=0,
-                  bos_token_id=None, eos_token_id=None)
+                  bos_token_id=None, eos_token_id=None, initializer_range=args.init_std)
     regla = dict(feature_dim=args.feature_dim, chunk_size=16)
     retrieval = dict(retrieval_layers=[args.layers - 1], retrieval_chunk_size=args.chunk, retrieval_top_k=args.top_k,
                      retrieval_gate_init=args.gate_init)
@@ -106,6 +108,8 @@ def build_models(task: MQARTask, args) -> dict:
             models[name] = ReglaForCausalLM(ReglaConfig(**shared, **regla))
         elif name == "resona":
             models[name] = ResonaForCausalLM(ResonaConfig(**shared, **regla, **retrieval))
+            missing, unexpected = models[name].load_state_dict(models["regla"].state_dict(), strict=False)
+            assert not unexpected and all(".retrieval." in key for key in missing), (missing, unexpected)
         else:
             models[name] = LlamaForCausalLM(LlamaConfig(**shared, attn_implementation="sdpa"))
     return models
@@ -130,19 +134,25 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, task: MQARTask, settings: list[tuple[int, int]], args, desc: str) -> dict:
-    """`args.steps` AdamW steps on fresh batches; step i uses setting i mod len(settings) (shuffled order
-    from the seed), the same batches for every model."""
+def training_batch(task: MQARTask, step: int, args, generator: torch.Generator):
+    """Step `step`'s batch: length `lengths[step mod len(lengths)]`, an equal share of every pair count."""
+    lengths, pairs = sorted(set(args.lengths)), sorted(set(args.pairs))
+    length = lengths[step % len(lengths)]
+    share = [args.batch_size // len(pairs) + (i < args.batch_size % len(pairs)) for i in range(len(pairs))]
+    parts = [mqar_batch(task, n, p, length, generator) for p, n in zip(pairs, share) if n]
+    return torch.cat([ids for ids, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def train(model, task: MQARTask, args, desc: str) -> dict:
+    """`args.steps` AdamW steps on fresh batches (`training_batch`), the same batches for every model."""
     generator = torch.Generator().manual_seed(args.seed + 1)
-    order = torch.randperm(args.steps, generator=torch.Generator().manual_seed(args.seed)) % len(settings)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 10)
     model.train()
     losses, start = [], time.perf_counter()
     bar = tqdm(range(args.steps), desc=desc, leave=False, disable=args.quiet)
     for step in bar:
-        pairs, length = settings[int(order[step])]
-        ids, labels = mqar_batch(task, args.batch_size, pairs, length, generator)
+        ids, labels = training_batch(task, step, args, generator)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup)
         loss = model(input_ids=ids, labels=labels, use_cache=False).loss
@@ -174,6 +184,35 @@ def recall_accuracy(model, task: MQARTask, pairs: int, length: int, n: int, batc
     return right / total
 
 
+@torch.no_grad()
+def selection_hits(model, task: MQARTask, pairs: int, length: int, n: int, batch_size: int, seed: int) -> float:
+    """Resona: the fraction of answers for which the last retrieval layer, at the queried key, picked (in
+    some head) the chunk that holds that key's value in the context. The layer's inputs are captured in the
+    model's forward and its selection recomputed on them (same sequences as `recall_accuracy`)."""
+    layer = next(layer for layer in reversed(model.model.layers) if layer.retrieval is not None)
+    captured = []
+    hook = layer.retrieval.register_forward_pre_hook(lambda module, args: captured.append(args[:3]))
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    hits = total = 0
+    try:
+        for lo in range(0, n, batch_size):
+            ids, labels = mqar_batch(task, min(batch_size, n - lo), pairs, length, generator)
+            captured.clear()
+            model(input_ids=ids, use_cache=False)
+            _, (index, real) = layer.retrieval.attend(*captured[0], return_selection=True)
+            chunk_size = layer.retrieval.chunk_size
+            for row, answer in (labels != IGNORE).nonzero().tolist():
+                key = ids[row, answer - 1]
+                pair = int((ids[row, 0:2 * pairs:2] == key).nonzero()[0, 0])
+                picked = index[row, :, answer - 1][real[row, :, answer - 1]]
+                hits += int((picked == (2 * pair + 1) // chunk_size).any())
+                total += 1
+    finally:
+        hook.remove()
+    return hits / total
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -181,8 +220,13 @@ def markdown(result: dict) -> str:
     names = list(result["models"])
     lines = ["MQAR recall accuracy (held-out sequences; every key queried once)", "",
              "| pairs | length | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    hits = "resona_selection_hits" in result["accuracy"][0]
+    if hits:
+        lines[2] += " Resona: answer's chunk picked |"
+        lines[3] += "---:|"
     for row in result["accuracy"]:
-        lines.append(f"| {row['pairs']} | {row['length']} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+        lines.append(f"| {row['pairs']} | {row['length']} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |"
+                     + (f" {row['resona_selection_hits']:.3f} |" if hits else ""))
     lines += ["", "| model | parameters | recurrent state numbers | final train loss | train seconds |",
               "|---|---:|---:|---:|---:|"]
     for name, info in result["models"].items():
@@ -204,6 +248,9 @@ def plot(result: dict, path: Path) -> None:
         rows = [r for r in result["accuracy"] if r["length"] == length]
         for name in result["models"]:
             ax.plot([r["pairs"] for r in rows], [r[name] for r in rows], "o-", color=colors.get(name), label=name)
+        if "resona_selection_hits" in rows[0]:
+            ax.plot([r["pairs"] for r in rows], [r["resona_selection_hits"] for r in rows], "x--", color="tab:orange",
+                    alpha=0.6, label="resona: answer's chunk picked")
         ax.set_xscale("log", base=2)
         ax.set_xticks([r["pairs"] for r in rows], [str(r["pairs"]) for r in rows])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -220,10 +267,10 @@ def plot(result: dict, path: Path) -> None:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16, 32], help="key-value pairs per sequence")
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 192], help="sequence lengths")
-    p.add_argument("--steps", type=int, default=600, help="training steps per model")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16], help="key-value pairs per sequence")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128], help="sequence lengths")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per model")
+    p.add_argument("--batch_size", type=int, default=48)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -231,9 +278,13 @@ def parse(argv):
     p.add_argument("--feature_dim", type=int, default=4, help="ReGLA's Dk: the recurrent state is H·Dk·Dv per layer")
     p.add_argument("--chunk", type=int, default=8, help="Resona's retrieval chunk size C")
     p.add_argument("--top_k", type=int, default=2, help="chunks Resona reads per token and head")
-    p.add_argument("--gate_init", type=float, default=0.0, help="Resona's α at init (0: starts as plain ReGLA)")
-    p.add_argument("--num_keys", type=int, default=64)
-    p.add_argument("--num_values", type=int, default=64)
+    p.add_argument("--gate_init", type=float, default=1.0,
+                   help="Resona's α at init (0, the config default, starts as plain ReGLA and barely opens from scratch)")
+    p.add_argument("--init_std", type=float, default=0.1,
+                   help="initializer_range of all three (at 0.02 ReGLA's exp feature maps start flat and it learned nothing)")
+    p.add_argument("--num_keys", type=int, default=16)
+    p.add_argument("--num_values", type=int, default=16)
+    p.add_argument("--num_filler", type=int, default=16, help="filler token ids (the gap between pairs and queries)")
     p.add_argument("--eval_sequences", type=int, default=256, help="held-out sequences per setting")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -242,9 +293,11 @@ def parse(argv):
     p.add_argument("--output_dir", default="outputs/recall")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     for name in ("steps", "batch_size", "hidden", "layers", "heads", "feature_dim", "chunk", "top_k",
-                 "eval_sequences"):
+                 "eval_sequences", "num_keys", "num_values", "num_filler"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size < len(set(args.pairs)):
+        raise ValueError(f"--batch_size {args.batch_size} must hold one sequence of each of --pairs {args.pairs}")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
     return args
@@ -254,7 +307,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = MQARTask(num_keys=args.num_keys, num_values=args.num_values)
+    task = MQARTask(num_keys=args.num_keys, num_values=args.num_values, num_filler=args.num_filler)
     settings = [(p, n) for n in sorted(set(args.lengths)) for p in sorted(set(args.pairs))]
     for pairs, length in settings:
         task.check(pairs, length)
@@ -263,10 +316,13 @@ def main(argv=None) -> dict:
     info, accuracy = {}, {s: {} for s in settings}
     for name, model in models.items():
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "state_numbers": state_numbers(model),
-                      **train(model, task, settings, args, desc=f"train {name}")}
+                      **train(model, task, args, desc=f"train {name}")}
         for pairs, length in settings:
             accuracy[(pairs, length)][name] = recall_accuracy(model, task, pairs, length, args.eval_sequences,
                                                               args.batch_size, seed=args.seed + 10_000)
+            if name == "resona":
+                accuracy[(pairs, length)]["resona_selection_hits"] = selection_hits(
+                    model, task, pairs, length, args.eval_sequences, args.batch_size, seed=args.seed + 10_000)
     result = {"command": command_line("benchmarks.recall", argv), "settings": vars(args), "task": asdict(task),
               "models": info,
               "accuracy": [{"pairs": p, "length": n, **accuracy[(p, n)]} for p, n in settings]}

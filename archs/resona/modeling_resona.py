@@ -78,9 +78,10 @@ class ResonaRetrieval(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def attend(self, x, mixer_out, valid, cache: ResonaCache | None = None) -> torch.Tensor:
+    def attend(self, x, mixer_out, valid, cache: ResonaCache | None = None, return_selection: bool = False):
         """The per-head read (B, H, T, D) in float32 (float64 for float64 models), before W_o; stores this
-        chunk's K/V and the chunks it completes in `cache`."""
+        chunk's K/V and the chunks it completes in `cache`. `return_selection`: also the picked chunks'
+        indices and whether each pick is a real chunk, (B, H, T, k) each (for analysis)."""
         b, t, _ = x.shape
         acc = accumulator_dtype(x.dtype)
         if cache is not None:
@@ -103,7 +104,8 @@ class ResonaRetrieval(nn.Module):
         slots, visible, bias = read_entries(index, real, score, positions, valid, self.chunk_size, self.own_chunk,
                                             self.score_bias)
         q = self._heads(self.q_proj(x)).to(acc)
-        return gathered_read(q, keys, values, slots, visible, bias, self.scale)
+        read = gathered_read(q, keys, values, slots, visible, bias, self.scale)
+        return (read, (index, real)) if return_selection else read
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """g_t = tanh(α) ⊙ σ(W_g x_t + b_g), (B, T, hidden)."""

@@ -70,6 +70,45 @@ def test_accuracy_counts_the_answers_predicted_from_the_queried_key():
     assert recall.recall_accuracy(_Oracle(0), TASK, 5, 24, n=10, batch_size=4, seed=0) == 0.0
 
 
+def test_selection_hits_count_the_chunk_that_holds_the_answer(monkeypatch):
+    """With the selection forced to chunk 0 (C = 4: pairs 0 and 1 of the context), exactly the answers to
+    those two of the 4 queried keys count as hits: 0.5; with every chunk picked, 1."""
+    import archs.resona.modeling_resona as modeling_resona
+
+    args = recall.parse(["--hidden", "16", "--heads", "2", "--feature_dim", "2", "--chunk", "4", "--top_k", "1",
+                         "--lengths", "24", "--pairs", "4"])
+    model = recall.build_models(TASK, args)["resona"]
+    assert 0.0 <= recall.selection_hits(model, TASK, 4, 24, n=6, batch_size=4, seed=0) <= 1.0
+
+    def chunk_zero(r, summaries, positions, query_valid, *rest):
+        b, h, t, _ = r.shape
+        picks = torch.zeros(b, h, t, 1, dtype=torch.long)
+        return picks, torch.ones_like(picks, dtype=torch.bool), torch.zeros(b, h, t, 1, dtype=r.dtype)
+
+    monkeypatch.setattr(modeling_resona, "select_chunks", chunk_zero)
+    assert recall.selection_hits(model, TASK, 4, 24, n=6, batch_size=4, seed=0) == 0.5
+    monkeypatch.undo()
+    every = recall.build_models(TASK, recall.parse(["--hidden", "16", "--heads", "2", "--chunk", "4", "--top_k", "99",
+                                                   "--lengths", "24"]))["resona"]
+    assert recall.selection_hits(every, TASK, 4, 24, n=6, batch_size=4, seed=0) == 1.0
+
+
+def test_resona_starts_from_the_plain_models_weights():
+    models = recall.build_models(TASK, recall.parse(["--hidden", "16", "--heads", "2", "--lengths", "24"]))
+    regla, resona = models["regla"].state_dict(), models["resona"].state_dict()
+    assert all(torch.equal(resona[k], v) for k, v in regla.items())
+    assert {k for k in resona if k not in regla} == {k for k in resona if ".retrieval." in k} != set()
+
+
+def test_training_batches_share_every_pair_count_and_alternate_lengths():
+    args = recall.parse(["--pairs", "2", "4", "--lengths", "16", "32", "--batch_size", "5"])
+    g = torch.Generator().manual_seed(0)
+    for step, length in ((0, 16), (1, 32), (2, 16)):
+        ids, labels = recall.training_batch(TASK, step, args, g)
+        answers = (labels != recall.IGNORE).sum(dim=1)
+        assert ids.shape == (5, length) and answers.tolist() == [2, 2, 2, 4, 4]
+
+
 def test_seconds_long_run_writes_valid_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "recall"
     recall.main(["--steps", "2", "--pairs", "2", "4", "--lengths", "16", "24", "--hidden", "16", "--heads", "2",
@@ -79,7 +118,7 @@ def test_seconds_long_run_writes_valid_json_markdown_and_plot(tmp_path, capsys):
     assert (out / "recall.png").stat().st_size > 0 and "| pairs | length |" in (out / "recall.md").read_text()
     assert [(r["pairs"], r["length"]) for r in result["accuracy"]] == [(2, 16), (4, 16), (2, 24), (4, 24)]
     for row in result["accuracy"]:
-        assert all(0.0 <= row[name] <= 1.0 for name in recall.MODELS)
+        assert all(0.0 <= row[name] <= 1.0 for name in (*recall.MODELS, "resona_selection_hits"))
     models = result["models"]
     assert set(models) == set(recall.MODELS)
     assert all(m["parameters"] > 0 and m["final_loss"] > 0 and len(m["loss_curve"]) == 2 for m in models.values())
