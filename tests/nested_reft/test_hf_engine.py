@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 from test_skipping import rebuilt_without, tiny
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from nested_reft.engines import HFEngine, SamplingSpec
 from nested_reft.engines.base import MAX_TURNS, request_seeds, round_seed
@@ -98,6 +98,23 @@ def test_checkpoint_generation_config_does_not_change_the_sampler():
     assert model.generation_config.repetition_penalty == 3.0  # restored after sampling
 
 
+def processed_probs(logits, prompt, spec):
+    """The distribution `spec` asks for, computed here with transformers' own processors in vLLM's
+    order (penalty, temperature, min-p, top-k, top-p), independently of the engine."""
+    scores = logits.clone().reshape(1, -1)
+    ids = torch.tensor([prompt])
+    if spec.get("repetition_penalty", 1.0) != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(spec["repetition_penalty"])(ids, scores)
+    scores = scores / spec.get("temperature", 1.0)
+    if spec.get("min_p", 0.0) > 0:
+        scores = MinPLogitsWarper(spec["min_p"])(ids, scores)
+    if spec.get("top_k", 0) > 0:
+        scores = TopKLogitsWarper(spec["top_k"])(ids, scores)
+    if spec.get("top_p", 1.0) < 1.0:
+        scores = TopPLogitsWarper(spec["top_p"])(ids, scores)
+    return torch.softmax(scores[0], -1)
+
+
 @pytest.mark.parametrize("spec", [
     dict(repetition_penalty=2.0),
     dict(top_k=3, temperature=0.8),
@@ -105,17 +122,23 @@ def test_checkpoint_generation_config_does_not_change_the_sampler():
     dict(min_p=0.2),
 ])
 def test_requested_processors_are_applied_to_the_sampler_and_to_mu(spec):
-    """What the config asks for is applied to both: frequencies match the reported μ, which is the
-    truncated, renormalised distribution (zero outside the kept set)."""
+    """What the config asks for is applied to both: the reported μ is the processed, truncated and
+    renormalised distribution (computed independently here), and the frequencies of thousands of
+    samples match it; a sampler or a μ that drops any requested processor fails."""
     model = peaky_model()
     engine = HFEngine(model, _Tok(), eos_token_ids=[96], batch_size=20000)
     # a penalty only shows on tokens in the context: give it a quarter of the vocabulary
     prompt = list(range(1, 97, 4)) if "repetition_penalty" in spec else [3, 4, 5]
     with torch.no_grad():
-        plain = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / spec.get("temperature", 1.0), -1)
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    plain = torch.softmax(logits.double() / spec.get("temperature", 1.0), -1)
+    expected = processed_probs(logits, prompt, spec).double()
+    # the spec must change the distribution, or this test could not tell a dropped processor
+    assert (expected - plain).abs().max() > 0.02, spec
     freq, mu = first_token_frequencies(engine, prompt, SamplingSpec(max_new_tokens=1, seed=1, **spec))
-    assert max_z(freq, mu) < 5, spec
-    assert max_z(plain, mu) > 25, spec  # the processors changed the distribution (a sampler without them fails)
+    seen = freq > 0
+    torch.testing.assert_close(mu[seen], expected[seen], atol=1e-5, rtol=0)  # reported μ
+    assert max_z(freq, expected) < 5, spec  # what was sampled (never outside the kept set)
 
 
 def test_top_k_minus_one_means_off():
