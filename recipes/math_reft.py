@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
           f"{summary['seconds_per_step']:.1f} s/step, mean ESS {summary['mean_ess']:.3f}, rollout tokens/s "
           f"{summary['behavior_tokens_per_s']:.0f} in rounds; fixed-length probe: behavior "
           f"{summary['probe_behavior_tokens_per_s']:.0f} vs full {summary['full_tokens_per_s']:.0f} "
-          f"({summary['probe_speedup']:.2f}x)")
+          f"({summary['probe_speedup']:.2f}x; short single timings, noisy on a shared CPU: benchmarks/step_time.py "
+          f"measures it on fixed lengths)")
     print(f"outputs: {out}/summary.json, metrics.jsonl, training.png")
     return summary
 
