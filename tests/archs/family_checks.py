@@ -8,10 +8,11 @@ original, and the Nested-ReFT correction weights against 1 when nothing is skipp
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from archs.cache_utils import cache_tensors
 
@@ -182,3 +183,27 @@ def assert_cache_owns_its_storage(model, lengths=(40, 33)) -> None:
     assert tensors
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (tuple(t.shape), t.untyped_storage().nbytes())
+
+
+def rebuilt_without_layers(model, skip, layer_lists=(), build=None):
+    """An independent reference for skipping: a fresh model with the kept layers only and their weights.
+
+    `layer_lists`: config fields holding layer indices (softmax, retrieval, dense layers ...), renumbered
+    and without the skipped ones. `build(config_dict)` makes the fresh model (default: the Auto classes
+    from the config's model type)."""
+    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
+    remap = {old: new for new, old in enumerate(kept)}
+    config = model.config.to_dict()
+    config["num_hidden_layers"] = len(kept)
+    for key in layer_lists:
+        config[key] = [remap[i] for i in config[key] if i in remap]
+    ref = build(config) if build else AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    state = {}
+    for key, value in model.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        if m is None:
+            state[key] = value
+        elif int(m[1]) in remap:
+            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
+    ref.load_state_dict(state, strict=True)
+    return ref.eval()

@@ -2,8 +2,6 @@
 all-routed limit against a whole Llama model, the bypass and aux-loss formulas by hand, the ragged decode
 cache, and the shared family checks."""
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from family_checks import (
     assert_rows_independent,
     assert_save_load_round_trip,
     left_padded_batch,
+    rebuilt_without_layers,
 )
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerState
 from transformers.models.llama.modeling_llama import LlamaAttention
@@ -347,20 +346,8 @@ def test_lora_on_attention_projections_trains():
 
 
 def rebuilt_without(model, skip):
-    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
-    remap = {old: new for new, old in enumerate(kept)}
-    config = DTRNetConfig(**{**model.config.to_dict(), "num_hidden_layers": len(kept),
-                             "dense_layers": [remap[i] for i in model.config.dense_layers if i in remap]})
-    ref = DTRNetForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-    state = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in remap:
-            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
-    ref.load_state_dict(state, strict=True)
-    return ref
+    return rebuilt_without_layers(model, skip, layer_lists=("dense_layers",), build=lambda c: DTRNetForCausalLM._from_config(
+        DTRNetConfig(**c), attn_implementation="sdpa"))
 
 
 @pytest.mark.parametrize("skip", [(1,), (0, 2)])

@@ -3,7 +3,6 @@ equal transformers' Llama at the equivalent attention scale; per-signal RoPE aga
 out; bad configs; the shared family checks."""
 
 import math
-import re
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from family_checks import (
     assert_rows_independent,
     assert_save_load_round_trip,
     left_padded_batch,
+    rebuilt_without_layers,
 )
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -184,20 +184,8 @@ def test_lora_on_attention_projections_trains():
 
 
 def rebuilt_without(model, skip):
-    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
-    remap = {old: new for new, old in enumerate(kept)}
-    config = IntegralConfig(**{**model.config.to_dict(), "num_hidden_layers": len(kept),
-                               "integral_layers": [remap[i] for i in model.config.integral_layers if i in remap]})
-    ref = IntegralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-    state = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in remap:
-            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
-    ref.load_state_dict(state, strict=True)
-    return ref
+    return rebuilt_without_layers(model, skip, layer_lists=("integral_layers",), build=lambda c: IntegralForCausalLM._from_config(
+        IntegralConfig(**c), attn_implementation="sdpa"))
 
 
 @pytest.mark.parametrize("skip", [(1,), (0, 3)])

@@ -17,10 +17,9 @@ from family_checks import (
     assert_rows_independent,
     assert_save_load_round_trip,
     left_padded_batch,
+    rebuilt_without_layers,
 )
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
@@ -448,21 +447,7 @@ def test_lora_on_attention_projections_trains_only_the_adapters(kind):
 
 def rebuilt_without(model, skip):
     """An independent reference: a fresh model with fewer layers (softmax layers renumbered) and the kept weights."""
-    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
-    remap = {old: new for new, old in enumerate(kept)}
-    config = model.config.to_dict()
-    config["num_hidden_layers"] = len(kept)
-    config["softmax_layers"] = [remap[i] for i in model.config.softmax_layers if i in remap]
-    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
-    state = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in remap:
-            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
-    ref.load_state_dict(state, strict=True)
-    return ref
+    return rebuilt_without_layers(model, skip, layer_lists=("softmax_layers",))
 
 
 @pytest.mark.parametrize("kind", KINDS)

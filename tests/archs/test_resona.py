@@ -18,8 +18,9 @@ from family_checks import (
     assert_rows_independent,
     assert_save_load_round_trip,
     left_padded_batch,
+    rebuilt_without_layers,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, DynamicCache
 
 from archs.regla import ReglaCache, ReglaConfig, ReglaForCausalLM
 from archs.resona import ResonaCache, ResonaConfig, ResonaForCausalLM
@@ -516,23 +517,7 @@ def test_lora_trains_only_the_adapters_in_the_mixer_and_the_retrieval_branch():
 
 
 def rebuilt_without(model, skip):
-    """A fresh model with fewer layers (retrieval and softmax layers renumbered) and the kept weights."""
-    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
-    remap = {old: new for new, old in enumerate(kept)}
-    config = model.config.to_dict()
-    config["num_hidden_layers"] = len(kept)
-    for key in ("softmax_layers", "retrieval_layers"):
-        config[key] = [remap[i] for i in model.config.to_dict()[key] if i in remap]
-    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
-    state = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in remap:
-            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
-    ref.load_state_dict(state, strict=True)
-    return ref
+    return rebuilt_without_layers(model, skip, layer_lists=("softmax_layers", "retrieval_layers"))
 
 
 def test_skipped_layers_equal_a_model_rebuilt_without_them():

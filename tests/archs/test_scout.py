@@ -3,8 +3,6 @@ independent, save/load, LoRA, skipping, Nested-ReFT; oracles with copied weights
 checkpoint mask, Llama attention for S = 1, Mistral's sliding window, transformers' MambaMixer);
 exact cache entry counts."""
 
-import re
-
 import pytest
 import torch
 from family_checks import (
@@ -16,8 +14,9 @@ from family_checks import (
     assert_rows_independent,
     assert_save_load_round_trip,
     left_padded_batch,
+    rebuilt_without_layers,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig
+from transformers import DynamicCache, LlamaConfig, MistralConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 from transformers.models.mamba.modeling_mamba import MambaMixer
@@ -158,20 +157,7 @@ def test_lora_on_attention_projections_trains_only_the_adapters(mixer):
 
 def rebuilt_without(model, skip):
     """An independent reference: a fresh model with fewer double blocks and the kept weights."""
-    kept = [i for i in range(model.config.num_hidden_layers) if i not in skip]
-    config = model.config.to_dict()
-    config["num_hidden_layers"] = len(kept)
-    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
-    remap = {old: new for new, old in enumerate(kept)}
-    state = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in remap:
-            state[f"model.layers.{remap[int(m[1])]}.{m[2]}"] = value
-    ref.load_state_dict(state, strict=True)
-    return ref
+    return rebuilt_without_layers(model, skip)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
