@@ -6,7 +6,12 @@ import itertools
 import pytest
 import torch
 from test_skipping import rebuilt_without, tiny
-from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from nested_reft.engines import HFEngine, SamplingSpec
 from nested_reft.engines.base import MAX_TURNS, request_seeds, round_seed
