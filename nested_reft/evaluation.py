@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from rewards.math import accuracy_reward, format_reward
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +44,15 @@ def render_chat(prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def _rng_devices(model) -> list:
+    """The CUDA devices whose RNG generate() may draw from (the CPU generator is always forked)."""
+    device = getattr(model, "device", torch.device("cpu"))
+    return [device] if device.type == "cuda" else []
+
+
+_reported_checkpoint_settings: set[int] = set()
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list, *, temperature: float = 0.0,
                          max_new_tokens: int = 128, batch_size: int = 64, seed: int = 0,
@@ -49,24 +62,45 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
 
     temperature 0 means greedy. Sampling uses the full distribution by default (top_k 0, top_p 1:
     the distribution GRPO samples from); evaluation presets may truncate it (R1-T1's authors
-    decode at temperature 0.1, top-k 64, top-p 0.75).
+    decode at temperature 0.1, top-k 64, top-p 0.75). The decoding is exactly that: the
+    checkpoint's own `generation_config` (Qwen2.5-Instruct's repetition penalty 1.05, say) is
+    neutralised, as for rollouts, and what it would have added is logged once.
+
+    Nothing outside is changed: sampling draws from a forked RNG (the caller's random stream
+    continues as if no evaluation ran), and the tokenizer's padding side and the model's
+    train/eval mode are restored.
     """
-    was_training = model.training
+    from nested_reft.engines.hf import checkpoint_sampler_settings, neutral_generation_config
+
+    ignored = checkpoint_sampler_settings(model)
+    if ignored and id(model) not in _reported_checkpoint_settings:
+        _reported_checkpoint_settings.add(id(model))
+        logger.info("evaluation ignores the checkpoint's generation_config settings %s and decodes with "
+                    "temperature=%s, top_k=%s, top_p=%s only", ignored, temperature, top_k, top_p)
+    was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     gen = torch.Generator().manual_seed(seed)
+    if temperature > 0:
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        config = GenerationConfig(do_sample=False)
+    config.max_new_tokens, config.pad_token_id = max_new_tokens, tokenizer.pad_token_id
     texts, n_tokens = [], 0
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        batch = prompts[start : start + batch_size]
-        rendered = [render_chat(p, tokenizer) for p in batch]
-        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        completion_ids = out[:, enc["input_ids"].shape[1] :]
-        n_tokens += int((completion_ids != tokenizer.pad_token_id).sum())
-        texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(model)), neutral_generation_config(model):
+            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+                batch = prompts[start : start + batch_size]
+                rendered = [render_chat(p, tokenizer) for p in batch]
+                enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                out = model.generate(**enc, generation_config=config)
+                completion_ids = out[:, enc["input_ids"].shape[1] :]
+                n_tokens += int((completion_ids != tokenizer.pad_token_id).sum())
+                texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
     return texts, n_tokens
 
 
