@@ -221,3 +221,32 @@ def test_a_round_larger_than_one_scheduler_step_samples_with_seeds(engine, promp
     many = [p * 4 for p in prompts] * 64  # 256 prompts, about 20k prompt tokens
     r = engine.generate(many, SamplingSpec(max_new_tokens=2, seed=11))
     assert len(r.completion_ids) == 256 and all(len(c) >= 1 for c in r.completion_ids)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_weight_sync_matches_the_merged_model(engine, hf_model, chat_tokenizer, prompts, targets):
+    """What the trainer sends after a LoRA step (changed_weights: merged adapted modules) makes
+    vLLM's μ the merged HF model's. q,v-only targets (PEFT's default) used to leave vLLM's fused
+    qkv_proj with uninitialised k rows: every log-prob NaN."""
+    from peft import LoraConfig, get_peft_model
+
+    from nested_reft.engines.weights import changed_weights
+
+    peft = get_peft_model(copy.deepcopy(hf_model), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    merged = copy.deepcopy(peft).merge_and_unload().eval()
+    skip, pad = (2,), chat_tokenizer.pad_token_id
+    engine.set_skip(skip)
+    try:
+        with changed_weights(peft) as named:
+            engine.load_weights(named)
+        r = engine.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=6))
+        assert all(x == x for row in r.logprobs for x in row)  # no NaN
+        assert max_err(r.logprobs, hf_logprobs(merged, prompts * 2, r.completion_ids, skip, 0.9, pad)) < 1e-5
+        assert max_err(r.logprobs, hf_logprobs(hf_model, prompts * 2, r.completion_ids, skip, 0.9, pad)) > 1e-3
+        assert greedy(engine, prompts) == hf_greedy(merged, chat_tokenizer, prompts, skip)
+    finally:
+        engine.load_weights(hf_model.named_parameters())
