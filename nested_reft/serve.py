@@ -1,6 +1,7 @@
 """Start vLLM's own OpenAI-compatible server (`vllm serve`) for Nested-ReFT server mode.
 
-    python -m nested_reft.serve MODEL [--weight-transfer auto|nccl|ipc|none] [--print-command] [vllm serve flags]
+    python -m nested_reft.serve MODEL [--weight-transfer auto|nccl|ipc|none] [--weights-dir DIR] [--print-command]
+                                [vllm serve flags]
 
 Adds what server mode needs to your `vllm serve` flags (`server_flags` in
 `nested_reft/engines/vllm_server.py`: the skip-aware class of MODEL's architecture through
@@ -13,24 +14,38 @@ and exits. Everything after MODEL that is not ours goes to `vllm serve` unchange
 
 `--weight-transfer`: `auto` is `nccl` on a GPU machine (trainer on other GPUs or nodes) and none on
 CPU (the trainer then writes weight files, weight_transfer 'file'); `ipc` for a trainer whose
-weights sit on the server's own GPU.
+weights sit on the server's own GPU. `--weights-dir`: the only folder whose weight files the
+workers load (the trainer's `vllm_server_weights_dir`; default /dev/shm).
+
+Exposure: dev mode opens `/collective_rpc` (any worker method, ours included), `/pause` and the
+weight endpoints to anyone who reaches the port, and vLLM's `--api-key` guards only `/v1/*`; with
+`ipc`, `VLLM_ALLOW_INSECURE_SERIALIZATION=1` makes the weight endpoints unpickle what they are
+sent. So the server listens on 127.0.0.1 unless `--host` is given, and says so when it starts
+(docs/scaling.md, "Who can reach a server").
+
+Before vLLM starts, `--tensor-parallel-size` is checked against the model's config: vLLM splits
+the attention heads, the KV heads (or replicates them: a multiple of their count) and the MLP
+evenly over the GPUs, and a size that does not fit fails only after the weights start loading.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
 
-from .engines.vllm_engine import checkpoint_architectures
 from .engines.vllm_plugin import skip_architecture
 from .engines.vllm_server import server_flags
+from .engines.vllm_worker import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV
 
 TRANSFERS = ("auto", "nccl", "ipc", "none")
 # flags this launcher sets itself: given again, one of the two would silently win
 OURS = ("--hf-overrides", "--worker-extension-cls", "--logprobs-mode", "--enable-prefix-caching",
         "--no-enforce-eager", "--weight-transfer-config", "--enable-chunked-prefill")
+LOOPBACK = "127.0.0.1"
+TENSOR_PARALLEL = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -40,6 +55,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("model", help="checkpoint folder or Hub id (Llama, Qwen2, Qwen3 or Mistral)")
     p.add_argument("--weight-transfer", default="auto", choices=TRANSFERS,
                    help="vLLM weight-transfer engine of the server (auto: nccl on GPU, none on CPU)")
+    p.add_argument("--weights-dir", default=DEFAULT_WEIGHTS_DIR,
+                   help="the only folder whose weight files the workers load (the trainer's vllm_server_weights_dir)")
     p.add_argument("--revision", default=None, help="checkpoint revision (also passed to vllm serve)")
     p.add_argument("--print-command", action="store_true", help="print the vllm serve command line and exit")
     args, rest = p.parse_known_args(argv)
@@ -49,16 +66,73 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def serve_env(weight_transfer: str) -> dict[str, str]:
-    env = {"VLLM_SERVER_DEV_MODE": "1"}  # opens /collective_rpc and the RL endpoints
-    if weight_transfer == "ipc":  # IPC handles travel pickled over HTTP, which vLLM refuses without it
+def flag_value(rest: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of a `vllm serve` flag given as `--name VALUE` or `--name=VALUE`, or None."""
+    for i, arg in enumerate(rest):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            return value if eq else (rest[i + 1] if i + 1 < len(rest) else None)
+    return None
+
+
+def serve_env(args: argparse.Namespace) -> dict[str, str]:
+    if not os.path.isdir(os.path.expanduser(args.weights_dir)):
+        raise SystemExit(f"--weights-dir {args.weights_dir!r} is not a folder")
+    env = {"VLLM_SERVER_DEV_MODE": "1",  # opens /collective_rpc and the RL endpoints
+           WEIGHTS_DIR_ENV: args.weights_dir}  # read by our worker extension in every worker
+    if args.weight_transfer == "ipc":  # IPC handles travel pickled over HTTP, which vLLM refuses without it
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return env
 
 
+def startup_notice(args: argparse.Namespace, rest: list[str]) -> str:
+    """What this server exposes, and to whom (logged when it starts)."""
+    host = flag_value(rest, ("--host",)) or LOOPBACK
+    where = (f"It listens on {LOOPBACK}: this machine only (its other users included)." if host == LOOPBACK else
+             f"It listens on {host}: use it only on a trusted network (a private cluster network, or hosts "
+             "firewalled to the trainer's machines), never on a public interface.")
+    notice = ("Server mode runs vLLM in dev mode (VLLM_SERVER_DEV_MODE=1): whoever reaches the port can call "
+              "/collective_rpc (any method of vLLM's workers; ours load only nested_reft_weights_*.safetensors "
+              f"files in {args.weights_dir}), /pause, /sleep and the weight-update endpoints; vLLM's --api-key "
+              f"guards only /v1/*, not these. {where}")
+    if args.weight_transfer == "ipc":
+        notice += (" --weight-transfer ipc sets VLLM_ALLOW_INSECURE_SERIALIZATION=1: the weight-update endpoints "
+                   "unpickle what they are sent, so whoever reaches the port can run code in this server.")
+    return notice
+
+
+def tensor_parallel_sizes(config) -> list[int]:
+    """The tensor-parallel sizes vLLM can split `config`'s model over: the attention heads and the
+    MLP's intermediate size divide evenly (vLLM's `divide` in its parallel linear layers), and the
+    KV heads either divide evenly or are replicated (the size a multiple of their count)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mlp = getattr(config, "intermediate_size", None)
+    return [tp for tp in range(1, heads + 1) if heads % tp == 0 and (kv_heads % tp == 0 or tp % kv_heads == 0)
+            and (mlp is None or mlp % tp == 0)]
+
+
+def check_tensor_parallel(config, model: str, rest: list[str]) -> None:
+    given = flag_value(rest, TENSOR_PARALLEL)
+    if given is None or not given.isdigit():  # not given, or vLLM names the bad value itself
+        return
+    valid = tensor_parallel_sizes(config)
+    if int(given) not in valid:
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        raise SystemExit(f"--tensor-parallel-size {given}: {model} has {config.num_attention_heads} attention heads, "
+                         f"{kv_heads} KV heads and MLP size {getattr(config, 'intermediate_size', '?')}, which vLLM "
+                         f"splits evenly over the GPUs (KV heads may be replicated instead); valid sizes are "
+                         f"{', '.join(map(str, valid))}. For more GPUs start several servers and list their URLs "
+                         "in --vllm_server_base_url")
+
+
 def serve_args(args: argparse.Namespace, rest: list[str], cpu: bool) -> list[str]:
     """The `vllm serve` arguments (after `serve`)."""
-    arch = skip_architecture(checkpoint_architectures(args.model, args.revision))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    check_tensor_parallel(config, args.model, rest)
+    arch = skip_architecture(list(config.architectures or []))
     transfer = args.weight_transfer
     if transfer == "auto":
         transfer = "none" if cpu else "nccl"
@@ -66,7 +140,8 @@ def serve_args(args: argparse.Namespace, rest: list[str], cpu: bool) -> list[str
         raise SystemExit(f"--weight-transfer {transfer}: vLLM's weight-transfer engines need CUDA; on CPU use "
                          "--weight-transfer none (the trainer then sends weight files)")
     revision = ["--revision", args.revision] if args.revision else []
-    return [args.model, *revision, *server_flags(arch, None if transfer == "none" else transfer, cpu), *rest]
+    host = [] if flag_value(rest, ("--host",)) else ["--host", LOOPBACK]  # vLLM's default is every interface
+    return [args.model, *revision, *host, *server_flags(arch, None if transfer == "none" else transfer, cpu), *rest]
 
 
 def run_vllm_serve(serve_args: list[str]) -> None:
@@ -88,15 +163,17 @@ def run_vllm_serve(serve_args: list[str]) -> None:
 
 def main(argv=None) -> None:
     args, rest = parse_args(argv)
-    env = serve_env(args.weight_transfer)
+    env = serve_env(args)
     if not args.print_command:
         os.environ.update(env)  # before vLLM reads its environment, here and in the processes it starts
     from vllm.platforms import current_platform
 
     command = serve_args(args, rest, cpu=current_platform.is_cpu())
     if args.print_command:
-        print(" ".join([*(f"{k}={v}" for k, v in env.items()), "vllm", "serve", *map(shlex.quote, command)]))
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "vllm", "serve",
+                        *map(shlex.quote, command)]))
         return
+    logging.getLogger("nested_reft.serve").warning(startup_notice(args, rest))
     run_vllm_serve(command)
 
 

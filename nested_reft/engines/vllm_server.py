@@ -15,7 +15,11 @@ against the server's `/server_info` before it samples anything.
   workers' NCCL group, across nodes; `ipc`: CUDA IPC handles, trainer and server on one GPU),
   driven by vLLM's own trainer-side engines over `/init_weight_transfer_engine`,
   `/start_weight_update`, `/update_weights`, `/finish_weight_update`. Where neither works (CPU),
-  `file`: one safetensors file in a folder both sides see, loaded by `nested_reft_load_weights`.
+  `file`: one safetensors file in a folder both sides see, loaded by `nested_reft_load_weights`
+  (the server reads only such files, in the folder given to `nested_reft.serve --weights-dir`).
+- API key: the engine sends `Authorization: Bearer <api_key>` (default: `VLLM_API_KEY`, what
+  `vllm serve` itself reads) on every request. vLLM checks it on `/v1/*` only: `/collective_rpc`,
+  `/pause` and the weight endpoints stay open to anyone who reaches the port (docs/scaling.md).
 
 Ranks: each trainer rank builds one engine. The ranks are split into contiguous blocks, one per
 server URL; the first rank of a block (the sender) alone changes its server's skip set and pushes
@@ -35,7 +39,6 @@ import http.client
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import urllib.error
@@ -50,11 +53,11 @@ import torch
 from .base import RolloutEngine, RolloutEngineUnavailable, Rollouts, SamplingSpec, request_seeds
 from .vllm_engine import WORKER_EXTENSION
 from .vllm_plugin import SKIP_ARCHITECTURES
+from .vllm_worker import DEFAULT_WEIGHTS_DIR, PROBE_FILE, weights_file
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_TRANSFERS = ("auto", "nccl", "ipc", "file")
-DEFAULT_WEIGHTS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 MAX_CONCURRENT_REQUESTS = 256
 START_HINT = "start it with: python -m nested_reft.serve <model> --port <port> (docs/vllm_engine.md, server mode)."
 
@@ -127,13 +130,15 @@ class VLLMServerEngine(RolloutEngine):
                  weights_dir: str | None = None, timeout: float = 600.0, retries: int = 3, backoff: float = 1.0,
                  wait_for_server: float = 0.0, eos_token_ids: Iterable[int] | None = None,
                  score_logprobs: bool = True, rank: int = 0, world_size: int = 1, ranks: TrainerRanks | None = None,
-                 group_port: int = 51216, max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS):
+                 group_port: int = 51216, max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+                 api_key: str | None = None):
         """`base_url`: one URL, several (a list or comma-separated: one server per block of ranks).
         `weight_transfer`: 'auto' uses the server's weight-transfer engine when it has one, else
         'file'; 'file' writes to `weights_dir` (default /dev/shm: a server on this machine; for
         another machine give a folder both mount). `wait_for_server`: seconds to keep polling
         `/health` for a server that is still loading. `group_port`: the NCCL rendezvous port
-        (server i of several uses group_port + i)."""
+        (server i of several uses group_port + i). `api_key`: the server's `--api-key` (default
+        the environment's VLLM_API_KEY)."""
         urls = [u.strip().rstrip("/") for u in (base_url.split(",") if isinstance(base_url, str) else base_url)]
         self.ranks = ranks or TrainerRanks(rank, world_size)
         index, self.sender_rank = assign_server(urls, self.ranks.rank, self.ranks.world_size)
@@ -144,6 +149,8 @@ class VLLMServerEngine(RolloutEngine):
             raise ValueError(f"need timeout > 0, retries >= 1 and max_concurrent_requests >= 1, got {timeout!r}, "
                              f"{retries!r}, {max_concurrent_requests!r}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        api_key = api_key or os.environ.get("VLLM_API_KEY")
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.weights_dir = os.path.expanduser(weights_dir or DEFAULT_WEIGHTS_DIR)
         self.eos_ids = list(eos_token_ids) if eos_token_ids is not None else None
         self.score_logprobs = score_logprobs
@@ -163,7 +170,7 @@ class VLLMServerEngine(RolloutEngine):
     def _request(self, method: str, path: str, payload=None, *, query: dict | None = None, log: bool = True):
         url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         body = json.dumps(payload).encode() if payload is not None else (b"" if method == "POST" else None)
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = {**self._auth, **({"Content-Type": "application/json"} if payload is not None else {})}
         last: Exception | None = None
         start = time.monotonic()
         for attempt in range(self.retries):
@@ -178,6 +185,10 @@ class VLLMServerEngine(RolloutEngine):
                 message = _server_message(e)
                 if e.code in (400, 422):
                     raise ValueError(f"vLLM server rejected {path}: {message}") from None
+                if e.code == 401:
+                    raise PermissionError(f"the vLLM server at {self.base_url} requires an API key (it was started "
+                                          "with --api-key) and refused this one: set VLLM_API_KEY for the trainer "
+                                          "to the server's key") from None
                 if e.code == 404:
                     raise RuntimeError(f"the vLLM server at {self.base_url} has no {path} endpoint ({message}): it "
                                        "needs VLLM_SERVER_DEV_MODE=1 and vLLM >= 0.32; " + START_HINT) from None
@@ -225,7 +236,7 @@ class VLLMServerEngine(RolloutEngine):
         self.ranks.all_gather(None)  # the barrier: every rank has finished what it was doing
         try:
             outcome = ("ok", step())
-        except (RolloutEngineUnavailable, ValueError, RuntimeError, TypeError) as e:
+        except (RolloutEngineUnavailable, ValueError, RuntimeError, TypeError, PermissionError) as e:
             outcome = ("error", type(e).__name__, str(e), getattr(e, "url", self.base_url))
         outcomes = self.ranks.all_gather(outcome)
         failed = [o for o in outcomes if o[0] == "error"]
@@ -235,7 +246,8 @@ class VLLMServerEngine(RolloutEngine):
         _, kind, message, url = mine
         if kind == "RolloutEngineUnavailable":
             raise RolloutEngineUnavailable(message, url, every_rank=True)
-        raise {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)(message)
+        raise {"ValueError": ValueError, "TypeError": TypeError, "PermissionError": PermissionError}.get(
+            kind, RuntimeError)(message)
 
     # ------------------------------------------------------------------ start
 
@@ -244,7 +256,8 @@ class VLLMServerEngine(RolloutEngine):
         deadline = time.monotonic() + wait_for_server
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.base_url + "/health", timeout=min(self.timeout, 10)).close()
+                urllib.request.urlopen(urllib.request.Request(self.base_url + "/health", headers=self._auth),
+                                       timeout=min(self.timeout, 10)).close()
                 break
             except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException):
                 time.sleep(1.0)
@@ -269,7 +282,7 @@ class VLLMServerEngine(RolloutEngine):
         if not os.path.isdir(self.weights_dir):
             raise ValueError(f"weights_dir {self.weights_dir!r} is not a folder")
         token = uuid.uuid4().hex
-        path = os.path.join(self.weights_dir, f"nested_reft_probe_{token}.txt")
+        path = os.path.join(self.weights_dir, f"{PROBE_FILE[0]}{token}{PROBE_FILE[1]}")
         with open(path, "w") as f:
             f.write(token)
         try:
@@ -280,8 +293,9 @@ class VLLMServerEngine(RolloutEngine):
             os.unlink(path)
         if seen != token:
             raise ValueError(f"the vLLM server at {self.base_url} cannot read the weight files this trainer writes to "
-                             f"{self.weights_dir!r}: set vllm_server_weights_dir to a folder both machines share, or "
-                             "start the server with --weight-transfer-config '{\"backend\": \"nccl\"}'")
+                             f"{self.weights_dir!r}: start it with --weights-dir {self.weights_dir} (it reads only "
+                             "that folder), set vllm_server_weights_dir to a folder both machines share, or start "
+                             "it with --weight-transfer-config '{\"backend\": \"nccl\"}'")
 
     def _expect(self, info: dict) -> None:
         self.skip, self._version = tuple(info["skip"]), info["version"]
@@ -367,14 +381,10 @@ class VLLMServerEngine(RolloutEngine):
             return None
         from safetensors.torch import save_file
 
-        fd, path = tempfile.mkstemp(prefix="nested_reft_weights_", suffix=".safetensors", dir=self.weights_dir)
-        os.close(fd)
-        try:
+        with weights_file(self.weights_dir) as path:  # removed after the load, or when this process is stopped
             save_file({n: t.to("cpu").contiguous() for n, t in named}, path)
             with self._paused():
                 count = int(self._rpc("nested_reft_load_weights", path))  # the endpoint answers non-JSON results as str
-        finally:
-            os.unlink(path)
         if count != len(named):
             raise RuntimeError(f"the vLLM server at {self.base_url} loaded {count} of {len(named)} tensors")
         return self._info()

@@ -10,19 +10,56 @@ Over HTTP, vLLM passes RPC arguments as strings ("only serialized string args", 
 Every change of the skip set or the weights bumps a counter (`version` in `nested_reft_info`): a
 client that records it after its own change and finds another one after sampling knows that
 someone else changed the server in between.
+
+Files: in server mode anyone who reaches the port can call these methods (vLLM's `--api-key` does
+not guard `/collective_rpc`), so the two that open a file take only the files a trainer writes
+(`nested_reft_weights_*.safetensors`, `nested_reft_probe_*.txt`), directly in the weights folder
+(`NESTED_REFT_WEIGHTS_DIR`, set by `python -m nested_reft.serve --weights-dir`; default /dev/shm),
+after resolving links and `..`. `weights_file` is the writer's side: a fresh name in that folder,
+removed after the load, also when the trainer is stopped with SIGTERM or exits, and, when it was
+killed outright, by the next writer on the same machine.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
+import tempfile
+import threading
+
+logger = logging.getLogger(__name__)
 
 # vLLM's in-place reload warns about every layer that received no tensor; a partial update (only
 # what an optimizer step changed, e.g. LoRA-merged modules) is intended here, and the layers not
 # sent keep their values (tests/nested_reft/test_vllm_engine.py checks it).
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                    "vllm.model_executor.model_loader.reload.inplace")
+
+WEIGHTS_DIR_ENV = "NESTED_REFT_WEIGHTS_DIR"
+DEFAULT_WEIGHTS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+WEIGHTS_FILE = ("nested_reft_weights_", ".safetensors")  # (prefix, suffix) of the files the trainer writes
+PROBE_FILE = ("nested_reft_probe_", ".txt")
+
+
+def worker_weights_dir() -> str:
+    """The one folder this process's workers read files from, links resolved."""
+    return os.path.realpath(os.path.expanduser(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR))
+
+
+def allowed_file(path: str, kind: tuple[str, str]) -> str:
+    """`path` with links and `..` resolved, if it is a file of `kind` directly in the weights folder;
+    otherwise PermissionError (the path comes from the network in server mode)."""
+    real, folder = os.path.realpath(path), worker_weights_dir()
+    name = os.path.basename(real)
+    if os.path.dirname(real) != folder or not (name.startswith(kind[0]) and name.endswith(kind[1])):
+        raise PermissionError(f"refusing {path!r}: this worker reads only {kind[0]}*{kind[1]} files directly in "
+                              f"{folder} (its weights folder, {WEIGHTS_DIR_ENV})")
+    return real
 
 
 class NestedReFTWorkerExtension:
@@ -58,7 +95,7 @@ class NestedReFTWorkerExtension:
         if isinstance(weights, str):
             from safetensors.torch import load_file
 
-            named = list(load_file(weights).items())
+            named = list(load_file(allowed_file(weights, WEIGHTS_FILE)).items())
         else:
             named = list(weights)
         loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
@@ -81,9 +118,10 @@ class NestedReFTWorkerExtension:
 
     def nested_reft_read_text(self, path: str) -> str:
         """The contents of a small text file: the client checks that the folder it writes weight
-        files to is the one this worker reads (server mode, weight_transfer 'file')."""
-        with open(path) as f:
-            return f.read()
+        files to is the one this worker reads (server mode, weight_transfer 'file'). Probe files only."""
+        fd = os.open(allowed_file(path, PROBE_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            return f.read(4096)
 
     def _retie_embeddings(self) -> None:
         """A tied LM head is never loaded itself, so the reload does not re-run its post-load
@@ -100,3 +138,84 @@ class NestedReFTWorkerExtension:
 
     def nested_reft_pid(self) -> int:
         return os.getpid()
+
+
+# ---------------------------------------------------------------------- the writer's side
+
+_written: set[str] = set()  # weight files of this process that exist now
+_swept: set[str] = set()  # folders already cleared of files left by killed processes
+
+
+def _host() -> str:
+    return socket.gethostname().replace("_", "-")  # "_" separates the fields of a file name
+
+
+def _remove_written() -> None:
+    for path in list(_written):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _written.discard(path)
+
+
+atexit.register(_remove_written)
+
+
+def _remove_files_of_dead_processes(folder: str) -> None:
+    """Weight files that processes of this machine left when they were killed (SIGKILL, OOM):
+    each name carries its writer's host and pid. Files of other machines are left alone."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    prefix = f"{WEIGHTS_FILE[0]}{_host()}_"
+    for name in os.listdir(folder):
+        pid = name[len(prefix):].split("_", 1)[0]
+        if not (name.startswith(prefix) and name.endswith(WEIGHTS_FILE[1]) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: its file is garbage
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+            logger.info("removed %s, left in %s by a killed trainer process", name, folder)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _on_sigterm_remove_written():
+    """While a weight file exists, SIGTERM removes it first, then does what it did before (by
+    default: end the process, which would skip every `finally`). Returns the undo. Signal
+    handlers can be set from the main thread only; elsewhere atexit is the only cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # a handler set outside Python: leave it
+        return lambda: None
+
+    def handler(signum, frame):
+        _remove_written()
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def weights_file(folder: str):
+    """A fresh `nested_reft_weights_<host>_<pid>_*.safetensors` path in `folder` for one weight sync;
+    the file is gone when the block ends, and also when the process ends inside it (above)."""
+    _remove_files_of_dead_processes(folder)
+    fd, path = tempfile.mkstemp(prefix=f"{WEIGHTS_FILE[0]}{_host()}_{os.getpid()}_", suffix=WEIGHTS_FILE[1], dir=folder)
+    os.close(fd)
+    _written.add(path)
+    undo = _on_sigterm_remove_written()
+    try:
+        yield path
+    finally:
+        undo()
+        _written.discard(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

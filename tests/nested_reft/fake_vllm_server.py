@@ -26,8 +26,11 @@ def good_config(weight_transfer: str | None = None) -> dict:
 
 
 class FakeVLLMServer:
-    def __init__(self, config: dict | None = None, num_layers: int = 6, delay: float = 0.0, world_size: int = 1):
+    def __init__(self, config: dict | None = None, num_layers: int = 6, delay: float = 0.0, world_size: int = 1,
+                 api_key: str | None = None):
         self.config = config or good_config()
+        self.api_key = api_key  # as `vllm serve --api-key`: checked on /v1 paths only
+        self.headers: list[dict] = []  # every request's headers
         self.num_layers, self.delay, self.world_size = num_layers, delay, world_size
         self.skip: list[int] = []
         self.version = 0
@@ -130,8 +133,12 @@ class FakeVLLMServer:
                 body = json.loads(raw) if raw else None
                 with server.lock:
                     server.log.append((method, url.path, query, body))
+                    server.headers.append(dict(self.headers))
                     codes = server.fail.get(url.path)
                     forced = codes.pop(0) if codes else None
+                if server.api_key and url.path.startswith("/v1") and \
+                        self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    forced = 401
                 if forced is not None:
                     code, reply = forced, {"error": {"message": f"forced {forced}"}}
                 else:

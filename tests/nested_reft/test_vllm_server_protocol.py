@@ -55,8 +55,8 @@ def test_launcher_sets_the_server_mode_flags(small_model_dir):
     gpu = serve_args(args, rest, cpu=False)  # auto: NCCL on GPU machines, chunked prefill left on
     assert json.loads(gpu[gpu.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
     assert "--no-enable-chunked-prefill" not in gpu
-    assert serve_env("auto") == {"VLLM_SERVER_DEV_MODE": "1"}
-    assert serve_env("ipc")["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+    assert serve_env(args) == {"VLLM_SERVER_DEV_MODE": "1", "NESTED_REFT_WEIGHTS_DIR": vllm_server.DEFAULT_WEIGHTS_DIR}
+    assert serve_env(parse_args([small_model_dir, "--weight-transfer", "ipc"])[0])["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
     with pytest.raises(SystemExit, match="need CUDA"):
         serve_args(*parse_args([small_model_dir, "--weight-transfer", "nccl"]), cpu=True)
     with pytest.raises(SystemExit):  # a flag the launcher sets itself
