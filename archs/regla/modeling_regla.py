@@ -177,14 +177,16 @@ def _chunk_validity(attention_mask, batch: int, length: int, past_columns: int, 
     return attention_mask[:, attention_mask.size(1) - length:].bool()
 
 
-def softmax_mask(valid: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, K) bool for the softmax layers: query column i sees real key columns j ≤ i; every query
-    also sees itself, so a pad's softmax is never empty (its output is never read)."""
+def softmax_mask(valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, K) additive mask for the softmax layers, 0 where query column i sees key column j (a real
+    key, j ≤ i) and dtype-min elsewhere; every query also sees itself, so a pad's softmax is never empty
+    (its output is never read). Additive, not boolean: transformers' eager attention adds the mask it gets."""
     t, width = valid.size(1), key_valid.size(1)
     query_col = torch.arange(width - t, width, device=valid.device)[:, None]
     key_col = torch.arange(width, device=valid.device)[None, :]
-    mask = key_valid[:, None, :] & (key_col <= query_col)[None]
-    return (mask | (key_col == query_col)[None])[:, None]
+    allowed = (key_valid[:, None, :] & (key_col <= query_col)[None]) | (key_col == query_col)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 class ReglaModel(ReglaPreTrainedModel):
@@ -235,7 +237,7 @@ class ReglaModel(ReglaPreTrainedModel):
             else:
                 positions = position_ids.long().expand(batch, length)
             position_embeddings = self.rotary_emb(inputs_embeds, positions)
-            mask = softmax_mask(valid, cache.column_valid if cache is not None else valid)
+            mask = softmax_mask(valid, cache.column_valid if cache is not None else valid, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None

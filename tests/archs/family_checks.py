@@ -64,6 +64,42 @@ def assert_rows_independent(model, lengths: list[int] = (5, 9), seed: int = 0) -
     assert torch.equal(base, changed), (base - changed).abs().max()
 
 
+# transformers' attention interfaces a family may be built with: eager adds the mask it is given, SDPA
+# also takes a boolean one, so a family that builds its own masks must pass every check under both.
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+@torch.no_grad()
+def assert_causal(model, lengths: list[int] = (7, 4, 3)) -> None:
+    """Changing one token never changes the logits of a position before it (tolerance 0), and does change
+    its own position's (so the check is not vacuous): the last token, and one in the middle."""
+    model.eval()
+    ids, mask = left_padded_batch(model.config.vocab_size, list(lengths))
+    base = model(input_ids=ids, attention_mask=mask).logits
+    width = ids.size(1)
+    for col in (width - 1, width - min(lengths)):  # real in every row
+        other = ids.clone()
+        other[:, col] = other[:, col] % (model.config.vocab_size - 1) + 1  # another real token
+        changed = model(input_ids=other, attention_mask=mask).logits
+        before = mask[:, :col].bool()
+        assert torch.equal(base[:, :col][before], changed[:, :col][before]), (
+            col, (base[:, :col][before] - changed[:, :col][before]).abs().max())
+        assert not torch.allclose(base[:, col], changed[:, col]), col
+
+
+@torch.no_grad()
+def assert_eager_equals_sdpa(build, lengths: list[int] = (7, 4, 1), atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """`build(attn_implementation)` gives the same weights under each interface: the logits of a
+    left-padded batch agree at every real position (float32, 1e-5)."""
+    logits = {}
+    for attn in ATTENTION_IMPLEMENTATIONS:
+        model = build(attn).eval()
+        assert model.config._attn_implementation == attn, (attn, model.config._attn_implementation)
+        ids, mask = left_padded_batch(model.config.vocab_size, list(lengths))
+        logits[attn] = model(input_ids=ids, attention_mask=mask).logits.float()[mask.bool()]
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=atol, rtol=rtol)
+
+
 @torch.no_grad()
 def assert_save_load_round_trip(model, path) -> torch.nn.Module:
     """`save_pretrained` then `AutoModelForCausalLM.from_pretrained` gives the same logits exactly."""
@@ -115,14 +151,18 @@ def nested_reft_trainer(model_dir: str, tokenizer, output_dir, **kwargs):
                              train_dataset=_prompts(), args=args)
 
 
-def assert_nested_reft_corrects_exactly(model_dir: str, tokenizer, output_dir, monkeypatch) -> None:
+def assert_nested_reft_corrects_exactly(model_dir: str, tokenizer, output_dir, monkeypatch,
+                                        attn_implementation: str | None = None) -> None:
     """A family under Nested-ReFT (HF engine): with nothing skipped, the sampler's log-probs equal the
     trainer's full forward, so every correction weight is 1 to float error; with layers skipped,
-    training steps run and the weights really move."""
+    training steps run and the weights really move. `attn_implementation`: the model loads with it."""
+    init = {} if attn_implementation is None else {"model_init_kwargs": {"attn_implementation": attn_implementation}}
     # Force the comparison: normally an unskipped round short-cuts to d_t = 0 without a forward.
     monkeypatch.setattr("nested_reft.trainer.NestedReFTTrainer._mu_is_pi_old", lambda self: False)
     trainer = nested_reft_trainer(model_dir, tokenizer, output_dir / "exact", skip_ratio=0.0, correction="tis",
-                                  clip=2.0)
+                                  clip=2.0, **init)
+    if attn_implementation is not None:
+        assert trainer.model.config._attn_implementation == attn_implementation
     trainer.model.train()
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     m = trainer._metrics["train"]
@@ -131,7 +171,7 @@ def assert_nested_reft_corrects_exactly(model_dir: str, tokenizer, output_dir, m
 
     monkeypatch.undo()
     trainer = nested_reft_trainer(model_dir, tokenizer, output_dir / "skipped", skip_ratio=0.34, keep_first=1,
-                                  keep_last=1, correction="tis", clip=2.0, max_steps=2)
+                                  keep_last=1, correction="tis", clip=2.0, max_steps=2, **init)
     trainer.train()
     logs = [row for row in trainer.state.log_history if "correction/ratio_max" in row]
     assert len(logs) == 2 and all(trainer.skip_policy.history)

@@ -10,8 +10,12 @@ import re
 import pytest
 import torch
 from family_checks import (
+    ATTENTION_IMPLEMENTATIONS,
     assert_cache_owns_its_storage,
+    assert_causal,
+    assert_compacted_sampling_exact,
     assert_decode_matches_forward,
+    assert_eager_equals_sdpa,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
     assert_rows_independent,
@@ -44,9 +48,9 @@ def tiny_config(kind: str = "pure", **overrides) -> ReglaConfig:
     return ReglaConfig(**{**base, **overrides})
 
 
-def tiny(kind: str = "pure", seed: int = 0, dtype=torch.float32, **overrides) -> ReglaForCausalLM:
+def tiny(kind: str = "pure", seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **overrides) -> ReglaForCausalLM:
     torch.manual_seed(seed)
-    return ReglaForCausalLM(tiny_config(kind, **overrides)).to(dtype).eval()
+    return ReglaForCausalLM._from_config(tiny_config(kind, **overrides), attn_implementation=attn).to(dtype).eval()
 
 
 def content_positions(mask):
@@ -330,6 +334,23 @@ def test_decode_matches_full_forward_across_chunk_boundaries(kind):
     assert_decode_matches_forward(model, prompt_lengths=[2], new_tokens=5)
 
 
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_hybrid_family_checks_under_each_attention_implementation(attn):
+    """The hybrid's softmax layers under eager and SDPA: causal (a later token never moves an earlier
+    logit), decode = full forward (prompts 1, 2, 3, C, C+1), rows independent, phased rollouts exact.
+    Catches a boolean mask under eager (it is added: True/False become +1/+0 and nothing is masked)."""
+    model = tiny("hybrid", attn=attn)
+    assert model.config._attn_implementation == attn
+    assert_causal(model)
+    assert_decode_matches_forward(model, prompt_lengths=[1, 2, 3, 4, 5], new_tokens=6)
+    assert_rows_independent(model)
+    assert_compacted_sampling_exact(model)
+
+
+def test_hybrid_eager_equals_sdpa():
+    assert_eager_equals_sdpa(lambda attn: tiny("hybrid", attn=attn))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_on_a_non_empty_cache_equals_one_prefill(kind):
     """Prefill in pieces of 1, 3 and 5 columns (across chunk boundaries, continuing S and m) = one
@@ -508,14 +529,15 @@ def test_hf_engine_compacted_phases_keep_mu_exact(kind, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_nested_reft_corrects_exactly(kind, chat_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind, attn", [("pure", "sdpa"), ("hybrid", "sdpa"), ("hybrid", "eager")])
+def test_nested_reft_corrects_exactly(kind, attn, chat_tokenizer, tmp_path, monkeypatch):
     model = tiny(kind, vocab_size=len(chat_tokenizer), num_hidden_layers=3, initializer_range=0.02,
                  pad_token_id=chat_tokenizer.pad_token_id, eos_token_id=chat_tokenizer.eos_token_id,
                  bos_token_id=chat_tokenizer.bos_token_id)
     model.save_pretrained(tmp_path / "model")
     chat_tokenizer.save_pretrained(tmp_path / "model")
-    assert_nested_reft_corrects_exactly(str(tmp_path / "model"), chat_tokenizer, tmp_path, monkeypatch)
+    assert_nested_reft_corrects_exactly(str(tmp_path / "model"), chat_tokenizer, tmp_path, monkeypatch,
+                                        attn_implementation=attn)
 
 
 # --------------------------------------------------------------------------- cache sizes

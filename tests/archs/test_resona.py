@@ -10,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import (
+    ATTENTION_IMPLEMENTATIONS,
     assert_cache_owns_its_storage,
+    assert_causal,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
+    assert_eager_equals_sdpa,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
     assert_rows_independent,
@@ -40,9 +43,9 @@ def tiny_config(**overrides) -> ResonaConfig:
     return ResonaConfig(**{**BASE, **RESONA, **overrides})
 
 
-def tiny(seed: int = 0, dtype=torch.float32, **overrides) -> ResonaForCausalLM:
+def tiny(seed: int = 0, dtype=torch.float32, attn: str = "sdpa", **overrides) -> ResonaForCausalLM:
     torch.manual_seed(seed)
-    return ResonaForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+    return ResonaForCausalLM._from_config(tiny_config(**overrides), attn_implementation=attn).to(dtype).eval()
 
 
 def retrieval_module(dtype=torch.float64, seed: int = 0, **overrides) -> ResonaRetrieval:
@@ -373,6 +376,23 @@ def test_decode_matches_full_forward_across_chunk_boundaries(name):
     assert_decode_matches_forward(model, prompt_lengths=[2], new_tokens=C + 1)
 
 
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_hybrid_family_checks_under_each_attention_implementation(attn):
+    """A softmax layer (ReGLA's mask) below a retrieval layer, under eager and SDPA: causal, decode = full
+    forward across chunk boundaries, rows independent, phased rollouts exact. Catches a boolean mask
+    under eager (it is added: True/False become +1/+0 and nothing is masked)."""
+    model = tiny(attn=attn, **CONFIGS["hybrid"])
+    assert model.config._attn_implementation == attn
+    assert_causal(model)
+    assert_decode_matches_forward(model, prompt_lengths=[1, 2, 3, 4, 7], new_tokens=2 * C + 2)
+    assert_rows_independent(model)
+    assert_compacted_sampling_exact(model)
+
+
+def test_hybrid_eager_equals_sdpa():
+    assert_eager_equals_sdpa(lambda attn: tiny(attn=attn, **CONFIGS["hybrid"]))
+
+
 def stepwise_logits(model, ids, mask, pieces=None):
     """Feed the columns in pieces (default one at a time) through the cache."""
     bounds = pieces or [(t, t + 1) for t in range(ids.size(1))]
@@ -552,13 +572,15 @@ def test_hf_engine_compacted_phases_keep_mu_exact(name):
 
 
 @pytest.mark.slow
-def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, attn", [("default", "sdpa"), ("hybrid", "eager")])
+def test_nested_reft_corrects_exactly(name, attn, chat_tokenizer, tmp_path, monkeypatch):
     model = tiny(vocab_size=len(chat_tokenizer), num_hidden_layers=3, initializer_range=0.02,
                  retrieval_layers="all", pad_token_id=chat_tokenizer.pad_token_id,
-                 eos_token_id=chat_tokenizer.eos_token_id, bos_token_id=chat_tokenizer.bos_token_id)
+                 eos_token_id=chat_tokenizer.eos_token_id, bos_token_id=chat_tokenizer.bos_token_id, **CONFIGS[name])
     model.save_pretrained(tmp_path / "model")
     chat_tokenizer.save_pretrained(tmp_path / "model")
-    assert_nested_reft_corrects_exactly(str(tmp_path / "model"), chat_tokenizer, tmp_path, monkeypatch)
+    assert_nested_reft_corrects_exactly(str(tmp_path / "model"), chat_tokenizer, tmp_path, monkeypatch,
+                                        attn_implementation=attn)
 
 
 # --------------------------------------------------------------------------- the cache
