@@ -1,4 +1,5 @@
-"""A checkpoint cut short while saving (or corrupted) is detected and the previous one resumed."""
+"""A checkpoint cut short while saving (or corrupted) is detected and the previous one resumed; the
+one set aside survives transformers' checkpoint rotation."""
 
 import json
 
@@ -39,13 +40,26 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(smal
     damage(tmp_path / "checkpoint-4")
     assert reason in checkpoint_problem(tmp_path / "checkpoint-4")
     assert last_valid_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
-    assert (tmp_path / "checkpoint-4.incomplete").is_dir() and not (tmp_path / "checkpoint-4").exists()
+    assert (tmp_path / "incomplete-checkpoint-4").is_dir() and not (tmp_path / "checkpoint-4").exists()
     assert "checkpoint-4" in caplog.text and "using the previous checkpoint" in caplog.text
 
 
-def test_no_valid_checkpoint_means_a_fresh_start(small_qwen2, tmp_path):
+def test_an_earlier_set_aside_copy_is_kept(small_qwen2, tmp_path):
     save_checkpoint(tmp_path / "checkpoint-1", small_qwen2, 1)
     truncate(tmp_path / "checkpoint-1" / "model.safetensors", 0.1)
-    (tmp_path / "checkpoint-1.incomplete").mkdir()  # an earlier set-aside copy is kept, not overwritten
+    (tmp_path / "incomplete-checkpoint-1").mkdir()  # an earlier set-aside copy is kept, not overwritten
     assert last_valid_checkpoint(tmp_path) is None
-    assert (tmp_path / "checkpoint-1.incomplete-1").is_dir()
+    assert (tmp_path / "incomplete-checkpoint-1.1").is_dir()
+
+
+def test_a_set_aside_checkpoint_survives_the_trainers_rotation(small_qwen2, tmp_path):
+    """transformers deletes the oldest `checkpoint-*` folders beyond save_total_limit, whatever
+    follows the step number: a set-aside name must not look like one."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"checkpoint-{step}", small_qwen2, step)
+    truncate(tmp_path / "checkpoint-3" / "model.safetensors")
+    assert last_valid_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    rotate_checkpoints(str(tmp_path), save_total_limit=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "incomplete-checkpoint-3"]

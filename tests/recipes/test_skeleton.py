@@ -31,9 +31,9 @@ def test_before_is_measured_once_and_kept_on_resume(tmp_path):
     fresh = Run(tmp_path, resume=None)
     assert fresh.before(lambda: calls.append(1) or {"accuracy": 0.25}) == {"accuracy": 0.25}
     assert json.loads(fresh.summary_path.read_text()) == {"before": {"accuracy": 0.25}}
-    from recipes.distributed import read_summary
+    from recipes.skeleton import last_summary
 
-    _, _, previous = read_summary(tmp_path, None)  # what open_run reads from the folder
+    previous = last_summary(tmp_path)  # what open_run reads from the folder
     resumed = Run(tmp_path, resume=str(tmp_path / "checkpoint-2"), previous=previous)
     assert resumed.before(lambda: calls.append(2) or {"accuracy": 0.9}) == {"accuracy": 0.25}
     assert calls == [1]
