@@ -102,11 +102,12 @@ def assert_eager_equals_sdpa(build, lengths: list[int] = (7, 4, 1), atol: float 
 
 @torch.no_grad()
 def assert_save_load_round_trip(model, path) -> torch.nn.Module:
-    """`save_pretrained` then `AutoModelForCausalLM.from_pretrained` gives the same logits exactly."""
+    """`save_pretrained` then `AutoModelForCausalLM.from_pretrained` (with the same attention interface)
+    gives the same logits exactly."""
     model.eval()
     ids, mask = left_padded_batch(model.config.vocab_size, [4, 7])
     model.save_pretrained(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model.config._attn_implementation).eval()
     assert type(loaded) is type(model)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                        loaded(input_ids=ids, attention_mask=mask).logits)

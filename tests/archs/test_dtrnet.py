@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from family_checks import (
     assert_cache_owns_its_storage,
+    assert_causal,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
@@ -331,9 +332,14 @@ def test_manual_decode_without_position_ids_uses_the_seen_count():
 
 # --------------------------------------------------------------------------- shared family checks
 
-@pytest.mark.parametrize("path", ["masked", "packed"])
-def test_rows_independent_exactly(path):
-    assert_rows_independent(tiny("sdpa", path))
+@pytest.mark.parametrize("attn, path", PATHS)
+def test_rows_independent_exactly(attn, path):
+    assert_rows_independent(tiny(attn, path))
+
+
+@pytest.mark.parametrize("attn, path", PATHS)
+def test_causal_under_each_path(attn, path):
+    assert_causal(tiny(attn, path))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -384,9 +390,9 @@ def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
     assert_nested_reft_corrects_exactly(str(tmp_path / "model"), tok, tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("path", ["masked", "packed"])
-def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(path):
-    assert_compacted_sampling_exact(tiny(path=path))
+@pytest.mark.parametrize("attn, path", PATHS)
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(attn, path):
+    assert_compacted_sampling_exact(tiny(attn, path))
 
 
 def test_the_cache_holds_no_view_of_the_prefill():

@@ -8,9 +8,12 @@ import re
 import pytest
 import torch
 from family_checks import (
+    ATTENTION_IMPLEMENTATIONS,
     assert_cache_owns_its_storage,
+    assert_causal,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
+    assert_eager_equals_sdpa,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
     assert_rows_independent,
@@ -404,10 +407,19 @@ def test_a_sharer_without_its_owner_fails_loudly():
 # --------------------------------------------------------------------------- the shared family checks
 
 
-@pytest.mark.parametrize("adapter", ["none", "lowrank"])
-def test_family_checks(adapter, tmp_path):
-    model = convert_to_echo(tiny_qwen2(num_hidden_layers=6), kv_sharing={2: 1, 4: 3, 5: 3}, kv_adapter=adapter)
+def echo_for_checks(adapter: str = "none", attn: str = "sdpa") -> EchoForCausalLM:
+    model = convert_to_echo(tiny_qwen2(num_hidden_layers=6, attn_implementation=attn), kv_sharing={2: 1, 4: 3, 5: 3},
+                            kv_adapter=adapter)
     randomize_adapters(model)
+    assert model.config._attn_implementation == attn
+    return model
+
+
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("adapter", ["none", "lowrank"])
+def test_family_checks(adapter, attn, tmp_path):
+    model = echo_for_checks(adapter, attn)
+    assert_causal(model)
     assert_decode_matches_forward(model, prompt_lengths=[1, 2, 3], new_tokens=5)
     assert_decode_matches_forward(model, prompt_lengths=[3, 1], new_tokens=3)
     assert_rows_independent(model)
@@ -421,6 +433,10 @@ def test_family_checks(adapter, tmp_path):
     assert_lora_trains(model, ["q_proj", "v_proj"])
 
 
+def test_eager_equals_sdpa():
+    assert_eager_equals_sdpa(lambda attn: echo_for_checks("lowrank", attn))
+
+
 def test_nested_reft_corrects_exactly(small_qwen2, chat_tokenizer, tmp_path, monkeypatch):
     model = convert_to_echo(copy.deepcopy(small_qwen2))  # 6 layers: {4: 3}
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
@@ -430,8 +446,9 @@ def test_nested_reft_corrects_exactly(small_qwen2, chat_tokenizer, tmp_path, mon
     assert_nested_reft_corrects_exactly(str(tmp_path / "echo"), chat_tokenizer, tmp_path, monkeypatch)
 
 
-def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(shared_llama):
-    assert_compacted_sampling_exact(shared_llama)
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(attn):
+    assert_compacted_sampling_exact(echo_for_checks("none", attn))
 
 
 def test_the_cache_holds_no_view_of_the_prefill(shared_llama):

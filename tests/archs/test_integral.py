@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 from family_checks import (
+    ATTENTION_IMPLEMENTATIONS,
     assert_cache_owns_its_storage,
+    assert_causal,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
+    assert_eager_equals_sdpa,
     assert_lora_trains,
     assert_nested_reft_corrects_exactly,
     assert_rows_independent,
@@ -158,10 +161,12 @@ def test_fused_path_equals_the_signal_by_signal_reference(rope_mode, signal_scal
 
 # --------------------------------------------------------------------------- shared family checks
 
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("rope_mode, integral_path", [("full_head", "fused"), ("per_signal", "fused"),
                                                       ("per_signal", "signals")])
-def test_decode_matches_forward(rope_mode, integral_path):
-    model = tiny(rope_mode=rope_mode, integral_path=integral_path)
+def test_decode_matches_forward(rope_mode, integral_path, attn):
+    model = tiny(attn, rope_mode=rope_mode, integral_path=integral_path)
+    assert_causal(model)
     for lengths in ([1, 3], [2, 1, 3]):
         assert_decode_matches_forward(model, prompt_lengths=lengths, new_tokens=4)
     out = model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=False, pad_token_id=0,
@@ -169,9 +174,15 @@ def test_decode_matches_forward(rope_mode, integral_path):
     assert type(out.past_key_values) is DynamicCache
 
 
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("integral_path", ["fused", "signals"])
-def test_rows_independent_exactly(integral_path):
-    assert_rows_independent(tiny(integral_path=integral_path))
+def test_rows_independent_exactly(integral_path, attn):
+    assert_rows_independent(tiny(attn, integral_path=integral_path))
+
+
+@pytest.mark.parametrize("integral_path", ["fused", "signals"])
+def test_eager_equals_sdpa(integral_path):
+    assert_eager_equals_sdpa(lambda attn: tiny(attn, rope_mode="per_signal", integral_path=integral_path))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -215,8 +226,9 @@ def test_nested_reft_corrects_exactly(chat_tokenizer, tmp_path, monkeypatch):
     assert_nested_reft_corrects_exactly(str(tmp_path / "model"), tok, tmp_path, monkeypatch)
 
 
-def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache():
-    assert_compacted_sampling_exact(tiny())
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+def test_rollout_engine_phases_continue_exactly_from_a_row_selected_cache(attn):
+    assert_compacted_sampling_exact(tiny(attn))
 
 
 def test_the_cache_holds_no_view_of_the_prefill():

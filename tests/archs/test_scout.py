@@ -7,6 +7,7 @@ import pytest
 import torch
 from family_checks import (
     assert_cache_owns_its_storage,
+    assert_causal,
     assert_compacted_sampling_exact,
     assert_decode_matches_forward,
     assert_lora_trains,
@@ -82,6 +83,16 @@ def test_decode_matches_full_forward_across_segment_and_window_boundaries(mixer)
     assert_decode_matches_forward(model, prompt_lengths=[1], new_tokens=7)
     assert_decode_matches_forward(model, prompt_lengths=[2], new_tokens=5)
     assert_decode_matches_forward(model, prompt_lengths=[3, 1], new_tokens=5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_causal_under_its_only_attention_interface(mixer):
+    """SCOUT builds its own masks for its own kernels, and transformers lends it eager only (no SDPA
+    support declared), so every family check here runs under eager. A later token never moves an
+    earlier logit (tolerance 0)."""
+    model = tiny(mixer)
+    assert model.config._attn_implementation == "eager"
+    assert_causal(model)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
