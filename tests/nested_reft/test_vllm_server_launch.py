@@ -63,6 +63,8 @@ def test_tensor_parallel_sizes_follow_vllms_splits():
     assert tensor_parallel_sizes(mha) == [1, 2, 4, 8, 16]
     mqa = Qwen2Config(hidden_size=512, intermediate_size=2048, num_attention_heads=16, num_key_value_heads=2)
     assert tensor_parallel_sizes(mqa) == [1, 2, 4, 8, 16]  # KV heads replicated for tp 4, 8, 16
+    wide_mlp = Qwen2Config(hidden_size=1792, intermediate_size=1792, num_attention_heads=28, num_key_value_heads=4)
+    assert tensor_parallel_sizes(wide_mlp) == [1, 2, 4, 28]  # 7 and 14: 4 KV heads neither split nor replicated
 
 
 @pytest.mark.parametrize("given", [["--tensor-parallel-size", "8"], ["--tensor-parallel-size=8"], ["-tp", "8"],

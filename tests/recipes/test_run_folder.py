@@ -219,15 +219,15 @@ class SavingTrainer:
 TORCH_SAVE_ON_A_FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),  # json, open()
-    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
-    TORCH_SAVE_ON_A_FULL_DISK,  # says nothing of the disk: the free space does
+@pytest.mark.parametrize("error, free", [
+    (OSError(errno.ENOSPC, "No space left on device"), 10**11),  # json, open(): errno, whatever is free now
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), 10**11),  # safetensors
+    (TORCH_SAVE_ON_A_FULL_DISK, 4096),  # says nothing of the disk: the free space does
 ], ids=["OSError", "safetensors", "torch.save"])
 @pytest.mark.parametrize("when", ["checkpoint", "final"])
-def test_a_full_disk_names_the_disk_and_frees_the_partial_folder(tmp_path, monkeypatch, error, when):
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
-    with pytest.raises(OSError, match=r"No space left on the disk of .*\(4.0 KiB free.*removed") as e:
+def test_a_full_disk_names_the_disk_and_frees_the_partial_folder(tmp_path, monkeypatch, error, free, when):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    with pytest.raises(OSError, match=r"No space left on the disk of .* free of 931.3 GiB\) while saving .*removed") as e:
         Run(tmp_path, None).train(SavingTrainer(tmp_path, error, when))
     assert e.value.errno == errno.ENOSPC
     partial = tmp_path / ("checkpoint-2" if when == "checkpoint" else "final")
