@@ -21,6 +21,7 @@ from .skipping import MODES
 ENGINES = ("hf", "vllm", "vllm_server")
 BEHAVIORS = ("skip", "pot", "balcony")
 BEHAVIOR_LOGPROBS = ("sampler", "rescore")
+NONFINITE_LOGPROBS = ("error", "skip_round")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class NestedReFTConfig(GRPOConfig):
     vllm_weight_transfer: str = field(default="auto", metadata={"help": f"engine=vllm_server: how weights reach the server, one of {WEIGHT_TRANSFERS}. 'nccl' / 'ipc': vLLM's weight-transfer engine (the server started with --weight-transfer-config; NCCL across nodes, CUDA IPC on the server's own GPU; trainer weights on CUDA). 'file': a safetensors file in vllm_server_weights_dir that the server's workers load (CPU, or where neither works). 'auto': the server's engine if it has one, else 'file'.", "choices": list(WEIGHT_TRANSFERS)})
     vllm_server_weights_dir: str | None = field(default=None, metadata={"help": "engine=vllm_server, weight transfer 'file': a folder the trainer writes and the server reads (default /dev/shm: a server on this machine)."})
     behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
+    nonfinite_logprobs: str = field(default="error", metadata={"help": f"What a round with a NaN/inf behavior log-prob (μ), or whose correction weights are all 0, does: one of {NONFINITE_LOGPROBS}. 'error' (default) stops the run naming the engine and the step (a broken behavior model would otherwise train on nothing, silently); 'skip_round' skips the round's optimizer steps and counts them (nonfinite_rounds_skipped). Non-finite tokens are logged every round (correction/nonfinite_mu_tokens, correction/nonfinite_old_tokens).", "choices": list(NONFINITE_LOGPROBS)})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
     reward_timeout: float = field(default=120.0, metadata={"help": "Seconds a reward function may take on a round's batch (and then on each sample of a failed batch); a sample whose reward raises or overruns scores 0 and is counted in rewards/<name>/failed instead of stopping the run."})
     rollout_compact_every: int = field(default=32, metadata={"help": "engine='hf': generate in phases of this many tokens and drop the rows that finished before the next phase (continuing the others from their KV cache), so one long completion does not hold the whole batch; 0: one generate() call per batch (rows decode until the longest ends)."})
@@ -116,6 +118,8 @@ class NestedReFTConfig(GRPOConfig):
         if self.correction == "ess_adaptive" and self.skip_mode == "fixed":
             raise ValueError("correction='ess_adaptive' steers the number of skipped layers, which skip_mode='fixed' pins: "
                              "use skip_mode random, contiguous or strided, or another correction")
+        if self.nonfinite_logprobs not in NONFINITE_LOGPROBS:
+            raise ValueError(f"nonfinite_logprobs must be one of {NONFINITE_LOGPROBS}, got {self.nonfinite_logprobs!r}")
         if not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout!r}")
         if self.rollout_compact_every < 0:

@@ -6,6 +6,23 @@ model, and fold the correction weights w_t into per-token advantages. Because w_
 `-min(ρ A w, clip(ρ) A w) = w · -min(ρ A, clip(ρ) A)`: this is exactly the SPEC's weighted
 per-token loss, through TRL's own support for (B, T) advantages, with every loss type, the KL
 term (unweighted, as in TRL), logging, checkpoints and PEFT left to TRL.
+
+TRL's hooks this class overrides, in the order they run in one training step:
+
+1. `training_step` (TRL's, then ours: flags a non-finite loss for the optimizer guard) calls
+2. `_prepare_inputs` — on the first micro-step of a round TRL calls
+3. `_generate_and_score_completions`, which calls
+4. `_generate` (ours: wake the engine, open the round: sync weights, draw and set the skip set;
+   close it: round metrics, the full-model probe), which calls, once per turn (tool calls add turns),
+5. `_generate_single_turn` (ours: the engine samples, returning tokens and μ);
+   back in `_generate_and_score_completions` TRL computes rewards and advantages, then ours adds
+   π_old (dropout off), the finiteness check, the correction weights and the diagnostics;
+   back in `_prepare_inputs` TRL splits the round into batches (ours trims unused padding);
+6. `compute_loss` (TRL's `_compute_loss`, plus a backbone's auxiliary loss: `aux_loss.py`), then
+   the optimizer step through the guard of `create_optimizer` (skips non-finite steps);
+7. `_save_checkpoint` / `_load_optimizer_and_scheduler` (private; overridden because the skip
+   policy's RNG, the round counter and a round's remaining batches must be saved and restored
+   with the step, and TRL's `_buffered_inputs` lives outside transformers' callback state).
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable
 
+from .aux_loss import GRPOAuxLossMixin
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
 from .corrections import correction_weights, diagnostics
@@ -31,6 +49,7 @@ from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
 from .reward_guard import GuardedReward
+from .round_buffer import LEGACY_PICKLE_FILE, has_round_buffer, load_round_buffer, save_round_buffer
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippable_layers
 
 logger = logging.getLogger(__name__)
@@ -38,6 +57,25 @@ logger = logging.getLogger(__name__)
 # Tensors of a training batch with one column per completion token.
 PER_COMPLETION_TOKEN = ("completion_ids", "completion_mask", "advantages", "old_per_token_logps",
                         "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio", "tool_mask")
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward in train mode is random: a dropout module with p > 0 (LoRA's among them) or
+    attention dropout in the config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "attention_dropout", 0.0) or 0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def trim_completion_padding(inputs: dict) -> dict:
@@ -62,7 +100,7 @@ def trim_completion_padding(inputs: dict) -> dict:
     return trimmed
 
 
-class NestedReFTTrainer(GRPOTrainer):
+class NestedReFTTrainer(GRPOAuxLossMixin, GRPOTrainer):
     """GRPO with rollouts from a layer-skipped copy of the policy, corrected off-policy.
 
     Takes every argument of `trl.GRPOTrainer`; `args` is a `NestedReFTConfig`. `engine` may be
@@ -115,6 +153,10 @@ class NestedReFTTrainer(GRPOTrainer):
         self._probe_due = bool(a.full_model_probe_every)
         self._nonfinite_pending = False  # a micro-batch of this optimizer step had a NaN/inf loss
         self.nonfinite_steps_skipped = 0
+        self.nonfinite_rounds_skipped = 0
+        self._round_steps_to_skip = 0  # optimizer steps of a round dropped for non-finite μ
+        # π_old and a re-scored μ are computed with dropout off, as the sampler runs
+        self._dropout_active = has_active_dropout(policy)
 
     # ------------------------------------------------------------------ generation
 
@@ -261,10 +303,12 @@ class NestedReFTTrainer(GRPOTrainer):
         return trim_completion_padding(inputs) if self.model.training else inputs
 
     def _policy_logps(self, output: dict) -> torch.Tensor:
-        """Per-token log-probs of the completions under `self.model` as it is now (TRL's forward)."""
+        """Per-token log-probs of the completions under `self.model` as it is now (TRL's forward),
+        with dropout off: the policy that samples has none, and LoRA's dropout (0.05 by default)
+        would add noise to every correction weight."""
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), eval_mode(self.model):
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 self.model, ids, mask, output["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
@@ -294,14 +338,19 @@ class NestedReFTTrainer(GRPOTrainer):
             old = behavior = torch.zeros_like(mask, dtype=torch.float32)
         else:
             old = output.get("old_per_token_logps")
-            if old is None:  # TRL skips it when π_old equals the policy at loss time; we need it for w_t
+            if old is None or self._dropout_active:
+                # TRL skips π_old when it equals the policy at loss time (we need it for w_t), and
+                # computes it with dropout on (train mode): ours has dropout off
                 old = self._policy_logps(output)
+                if output.get("old_per_token_logps") is not None:
+                    output["old_per_token_logps"] = old
             behavior = output.get("sampling_per_token_logps")
             if behavior is None:  # behavior_logprobs='rescore': the skipped forward, as for π_old
                 with skip_layers(self.model, self._round_skip):
                     behavior = self._policy_logps(output)
         a = self.args
         weights = correction_weights(old, behavior, mask, a.correction, clip=a.clip, lam=a.lam)
+        weights = self._check_finite_round(old, behavior, mask, weights)
         stats = diagnostics(*(self._gather_rows(t) for t in (old, behavior, mask, weights)), a.correction, clip=a.clip)
         advantages = output["advantages"]
         if advantages.dim() == 1:
@@ -314,6 +363,41 @@ class NestedReFTTrainer(GRPOTrainer):
         if self.skip_controller is not None:  # every rank sees the same global ESS, so the same k
             self.skip_policy.set_skip_ratio(self.skip_controller.update(stats["ess"]))
         return output
+
+    def _check_finite_round(self, old, behavior, mask, weights) -> torch.Tensor:
+        """Count the round's tokens whose μ or π_old is NaN/inf (over all ranks) and log them. A
+        non-finite μ, or a round whose weights are all zero, means the behavior model is broken
+        (a failed weight sync, say): the run stops with one error, or with
+        `nonfinite_logprobs='skip_round'` the round's optimizer steps are skipped and counted."""
+        valid = mask.bool()
+        counts = torch.stack([(~torch.isfinite(behavior) & valid).sum(), (~torch.isfinite(old) & valid).sum(),
+                              valid.sum(), (weights * valid).sum().gt(0).long()]).float()
+        if self.accelerator.num_processes > 1:  # every rank decides alike
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        bad_mu, bad_old, tokens, ranks_with_weight = (int(c) for c in counts.tolist())
+        metrics = self._metrics["train"]
+        metrics["correction/nonfinite_mu_tokens"].append(float(bad_mu))
+        metrics["correction/nonfinite_old_tokens"].append(float(bad_old))
+        if bad_mu:
+            problem = (f"{bad_mu} of {tokens} completion tokens have a non-finite behavior log-prob (μ) from the "
+                       f"{type(self.engine).__name__}")
+        elif tokens and not ranks_with_weight:
+            problem = f"every correction weight of the round is 0 ({self.args.correction}, {tokens} tokens)"
+        else:
+            return weights
+        where = f"step {self.state.global_step + 1}, round {self._round - 1}"  # the round just sampled
+        if self.args.nonfinite_logprobs == "error":
+            raise FloatingPointError(
+                f"{problem} ({where}): the behavior model is not the policy it should be (a failed weight sync, "
+                "a broken engine), so no policy gradient would be learned. Set nonfinite_logprobs='skip_round' to "
+                "skip such rounds instead (counted in nonfinite_rounds_skipped).")
+        per_round = max(1, self.args.steps_per_generation * self.num_iterations // self.args.gradient_accumulation_steps)
+        self._round_steps_to_skip += per_round
+        self.nonfinite_rounds_skipped += 1
+        metrics["nonfinite_rounds_skipped"].append(float(self.nonfinite_rounds_skipped))
+        logger.warning("%s (%s): the round's %d optimizer step(s) are skipped (%d rounds so far)", problem, where,
+                       per_round, self.nonfinite_rounds_skipped)
+        return torch.zeros_like(weights)
 
     def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T) on each rank -> (world * B, T_max), padded with zeros (masked out)."""
@@ -348,6 +432,10 @@ class NestedReFTTrainer(GRPOTrainer):
         return optimizer
 
     def _skip_nonfinite_step(self, optimizer) -> bool:
+        if self._round_steps_to_skip:  # a round dropped for non-finite μ (same count on every rank)
+            self._round_steps_to_skip -= 1
+            self._nonfinite_pending = False
+            return True
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = self._nonfinite_pending or (bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all())
         self._nonfinite_pending = False
@@ -388,7 +476,6 @@ class NestedReFTTrainer(GRPOTrainer):
                                         "same command to resume.", error.url, True)
 
     SKIP_STATE_FILE = "nested_reft_state.json"
-    ROUND_BUFFER_FILE = "nested_reft_round.pt"
 
     def _save_checkpoint(self, model, trial):
         """Also save the skip policy (RNG and history), round counter and controller, so a resumed
@@ -403,9 +490,7 @@ class NestedReFTTrainer(GRPOTrainer):
             if self._buffered_inputs is not None and self._step % generate_every:
                 # a checkpoint inside a round: keep the round's remaining batches, so a resumed run
                 # trains on them as the uninterrupted one does instead of sampling a new round
-                buffer = os.path.join(folder, self.ROUND_BUFFER_FILE)
-                torch.save({"step": self._step, "batches": self._buffered_inputs}, buffer + ".tmp")
-                os.replace(buffer + ".tmp", buffer)
+                save_round_buffer(folder, self._step, self._buffered_inputs)
             path = os.path.join(folder, self.SKIP_STATE_FILE)
             with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
                 json.dump(state, f)
@@ -434,7 +519,10 @@ class NestedReFTTrainer(GRPOTrainer):
         # TRL counts micro-steps from 0 in every process; a resumed run continues the count, so a
         # new round starts where the uninterrupted run started one
         self._step = self._checkpoint_step(checkpoint) * self.args.gradient_accumulation_steps
-        buffer = os.path.join(checkpoint, self.ROUND_BUFFER_FILE)
-        if os.path.exists(buffer):
-            saved = torch.load(buffer, map_location=self.accelerator.device, weights_only=False)
-            self._step, self._buffered_inputs = saved["step"], saved["batches"]
+        if has_round_buffer(checkpoint):
+            self._step, self._buffered_inputs = load_round_buffer(checkpoint, self.accelerator.device)
+        elif os.path.exists(os.path.join(checkpoint, LEGACY_PICKLE_FILE)):
+            # unpickling would run whatever code the file holds: never load it
+            raise ValueError(f"{os.path.join(checkpoint, LEGACY_PICKLE_FILE)} is a pickled round buffer, which is not "
+                             "loaded (a crafted one would run code on resume). Delete it to resume from this checkpoint "
+                             "with a freshly sampled round.")
