@@ -53,7 +53,7 @@ class NestedReFTConfig(GRPOConfig):
     balcony_distill_batch_size: int = field(default=32, metadata={"help": "behavior='balcony': sequences per distillation step."})
     # --- off-policy correction
     correction: str = field(default="tis", metadata={"help": f"Per-token correction weight: one of {METHODS}. 'none' treats behavior samples as on-policy (biased ablation).", "choices": list(METHODS)})
-    clip: float | None = field(default=None, metadata={"help": "C: cap of the importance ratio for tis / seq_tis / seq_is, and the [1/C, C] band of seq_mask; 'inf' is untruncated. Default: 2.0, or inf for seq_is (its unbiased setting)."})
+    clip: float | None = field(default=None, metadata={"help": "C: cap of the importance ratio for tis / seq_tis / seq_is, and the [1/C, C] band of seq_mask; 'inf' is untruncated. Default: 2.0, or inf for seq_is (its unbiased setting, with scale_rewards=none)."})
     lam: float = field(default=1.0, metadata={"help": "Retrace lambda: the retrace weight of token t is the trace prod_{s<=t} lam * min(1, ratio_s)."})
     # --- adaptive skip controller (active with correction='ess_adaptive')
     ess_target: float = field(default=0.8, metadata={"help": "ess_adaptive: raise the skip ratio while ESS stays above this, lower it when ESS falls below."})

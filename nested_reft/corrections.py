@@ -16,7 +16,9 @@ finite and non-negative for any input (±inf, NaN, ±1e30 log-probs), and zero w
 
 Only `seq_is` at C = ∞ is unbiased for a sequence-level reward: it is the sequence ratio
 π_old(y)/μ(y). The per-token ratios (`tis`, `retrace`) do not correct the distribution of the
-prefix, and the geometric mean (`seq_tis`) is not the sequence ratio (docs/nested_reft.md).
+prefix, and the geometric mean (`seq_tis`) is not the sequence ratio (docs/nested_reft.md). For GRPO
+this holds with mean-centred advantages (`scale_rewards='none'`): dividing by the std of μ's group
+makes even `seq_is` biased (19.9% in the exact enumeration of tests/nested_reft/test_unbiasedness.py).
 
 Numerics: everything is computed in float64 log space. A NaN log-ratio (e.g. −inf minus −inf)
 counts as −inf (weight 0); a sequence holding a −inf token has sequence log-ratio −inf (π_old gives

@@ -103,3 +103,39 @@ def test_monte_carlo_through_the_engine(setup):
     expected_none = e.vector(e.logp_behavior.sum(-1).exp()[:, None] * reward[:, None] * torch.ones(len(e.seqs), T))
     assert float((none - expected_none).norm()) < none_bound  # samples follow the enumerated μ
     assert float((none - exact).norm()) > 3 * none_bound
+
+
+def group_gradient(e, reward, sample_logp, weights, scale, G=3):
+    """Exact expectation of GRPO's group estimator Σ_i w_i A_i Σ_t g_{y_i,t} (per member), the group's
+    G completions drawn i.i.d. from exp(sample_logp), advantages as TRL computes them: R − mean_G R,
+    divided by (TRL's nanstd_G R + 1e-4) unless scale_rewards='none'."""
+    from trl.trainer.utils import nanstd
+
+    n = len(reward)
+    p = sample_logp.sum(-1).exp()
+    grids = torch.meshgrid(*([reward] * G), indexing="ij")  # member 1 is the first axis
+    group = torch.stack([g.reshape(-1) for g in grids], 1)  # (n^G, G)
+    adv = group[:, 0] - group.mean(1)
+    if scale != "none":
+        adv = adv / (nanstd(group, dim=1) + 1e-4)
+    adv = adv.view(n, -1)
+    others = p
+    for _ in range(G - 2):
+        others = torch.outer(others, p).reshape(-1)
+    expected_adv = adv @ others  # E over the other G−1 members, per first member
+    return e.vector((p * expected_adv)[:, None] * weights)
+
+
+@pytest.mark.parametrize("scale", ["none", "group"])
+def test_seq_is_is_unbiased_for_grpo_only_without_std_scaling(setup, scale):
+    """With mean-centred advantages (scale_rewards='none', Dr.GRPO) seq_is at C = ∞ gives the on-policy
+    GRPO gradient exactly; with TRL's default per-group std scaling the std is taken over μ's samples,
+    so it does not (docs/nested_reft.md says so)."""
+    _, _, e, reward, _ = setup
+    on_policy = group_gradient(e, reward, e.logp_target, torch.ones_like(e.logp_target), scale)
+    off_policy = group_gradient(e, reward, e.logp_behavior, method_weights(e, "seq_is", clip=math.inf), scale)
+    bias = float((off_policy - on_policy).norm() / on_policy.norm())
+    if scale == "none":
+        assert bias < 1e-6
+    else:
+        assert bias > 0.05, bias
