@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 from archs.balcony import (
     BLOCKS,
     INITS,
     KL_REDUCTIONS,
+    BalconyConfig,
     add_exits,
     distillation_loss,
     exit_kl,
@@ -172,11 +173,19 @@ def resolve_model(a: TrainBalconyArguments) -> str:
     return str(build_tiny_math_model(a.tiny_cache_dir, seed=a.tiny_seed))
 
 
+def check_exits_fit(model_path: str, a: TrainBalconyArguments) -> None:
+    """The exits' config against the base's config alone (its family, its depth), before any weights load."""
+    base = AutoConfig.from_pretrained(model_path)
+    BalconyConfig(exits=sorted(set(a.exits or [])), block=a.block, base_model_type=base.model_type,
+                  base_num_hidden_layers=base.num_hidden_layers)
+
+
 def main(argv=None) -> dict:
     (a,) = TrlParser((TrainBalconyArguments,)).parse_args_and_config(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train_texts, eval_texts = load_texts(a)  # a bad data file fails before the model loads
     model_path = resolve_model(a)
+    check_exits_fit(model_path, a)
     device = torch.device("cuda") if torch.cuda.is_available() and not a.use_cpu else torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, a.dtype)).to(device).eval()

@@ -3,7 +3,7 @@ package registers the exits' config (`model_type="balcony"`) with `AutoConfig`; 
 an existing model (`add_exits`, `load_exits`) instead of being a model class of their own."""
 
 from ..registry import register_family
-from .configuration_balcony import BLOCKS, INITS, KL_REDUCTIONS, BalconyConfig
+from .configuration_balcony import BLOCKS, FULL_BLOCK_ONLY, INITS, KL_REDUCTIONS, BalconyConfig
 from .modeling_balcony import (
     DEFAULT_EXIT_FRACTIONS,
     EXITS_FILE,
@@ -25,7 +25,7 @@ from .modeling_balcony import (
 register_family(BalconyConfig)
 
 __all__ = [
-    "BLOCKS", "DEFAULT_EXIT_FRACTIONS", "EXITS_FILE", "INITS", "KL_REDUCTIONS", "BalconyConfig", "BalconyExit",
-    "BalconyExits", "add_exits", "build_exits", "default_exits", "distillation_loss", "exit_forward", "exit_kl",
-    "exit_logits", "load_exits", "read_exits", "save_exits", "use_exit",
+    "BLOCKS", "DEFAULT_EXIT_FRACTIONS", "EXITS_FILE", "FULL_BLOCK_ONLY", "INITS", "KL_REDUCTIONS", "BalconyConfig",
+    "BalconyExit", "BalconyExits", "add_exits", "build_exits", "default_exits", "distillation_loss", "exit_forward",
+    "exit_kl", "exit_logits", "load_exits", "read_exits", "save_exits", "use_exit",
 ]

@@ -1,14 +1,16 @@
-"""Balcony exits on a frozen Llama / Qwen2-style model (SPEC.md §3, arXiv 2503.05005).
+"""Balcony exits on a frozen Llama / Qwen2-style model or one of this project's families (SPEC.md §3,
+arXiv 2503.05005).
 
 Exit `k` reads the residual stream after `k` base layers (transformers' `hidden_states[k]`) and
 computes
 
     logits_k = lm_head(norm_k(exit_layer_k(h_k)))
 
-with `exit_layer_k` one extra decoder layer (a copy of the base's **last** layer at init),
-`norm_k` an RMSNorm (a copy of `layers[k].input_layernorm` at init, not the final norm) and the
-base's own frozen LM head. It costs k + 1 layers. The exits live in one `BalconyExits` ModuleDict
-(`model.balcony_exits` after `add_exits`), saved and loaded alone (`save_exits` / `load_exits`).
+with `exit_layer_k` one extra decoder layer (a copy of the base's **last** layer at init; ECHO: of
+its last layer that computes its own K/V), `norm_k` an RMSNorm (a copy of `layers[k].input_layernorm`
+at init, SCOUT's `mixer_norm`, not the final norm) and the base's own frozen LM head. It costs k + 1
+layers. The exits live in one `BalconyExits` ModuleDict (`model.balcony_exits` after `add_exits`),
+saved and loaded alone (`save_exits` / `load_exits`).
 
 `use_exit(model, k)` runs the model *as* exit k: the decoder stack becomes layers 0..k−1 plus the
 exit layer (whose `layer_idx` is k, the next free cache slot) and the final norm becomes `norm_k`,
@@ -68,8 +70,8 @@ class BalconyExit(nn.Module):
         self.layer = layer
         self.norm = norm
 
-    def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
-        out = self.layer(hidden_states, **layer_kwargs)
+    def forward(self, hidden_states: torch.Tensor, *layer_args, **layer_kwargs) -> torch.Tensor:
+        out = self.layer(hidden_states, *layer_args, **layer_kwargs)
         return self.norm(out[0] if isinstance(out, tuple) else out)
 
 
@@ -108,8 +110,29 @@ def _reinit(module: nn.Module, std: float) -> None:
             p.fill_(1.0)
 
 
-def _exit_layer(last_layer: nn.Module, k: int, block: str) -> nn.Module:
-    layer = copy.deepcopy(last_layer)
+def _input_norm(layer: nn.Module) -> nn.Module:
+    """The norm a decoder layer applies first to its input: Llama's `input_layernorm`, the `mixer_norm`
+    of a SCOUT double block."""
+    for name in ("input_layernorm", "mixer_norm"):
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return getattr(layer, name)
+    raise TypeError(f"Balcony exits need the norm a {type(layer).__name__} applies to its input "
+                    "(input_layernorm or mixer_norm); this layer has neither")
+
+
+def _reads_other_kv(layer: nn.Module) -> bool:
+    """An ECHO sharer: it attends over the K/V another layer computed (`kv_source_idx`)."""
+    return any(isinstance(getattr(m, "kv_source_idx", None), int) for m in layer.modules())
+
+
+def _template_layer(stack: nn.Module) -> nn.Module:
+    """What an exit layer copies: the base's last layer, or (ECHO) the last one that computes its own
+    K/V; a copied sharer would attend over the K/V of a layer the exit never runs."""
+    return next(layer for layer in reversed(stack.layers) if not _reads_other_kv(layer))
+
+
+def _exit_layer(template: nn.Module, k: int, block: str) -> nn.Module:
+    layer = copy.deepcopy(template)
     for module in layer.modules():  # its own cache slot: k, right after the k base layers it follows
         for attr in LAYER_INDEX_ATTRS:
             if isinstance(getattr(module, attr, None), int):
@@ -130,12 +153,13 @@ def build_exits(model: nn.Module, exits: Sequence[int] | None = None, init: str 
     depths = default_exits(n, keep_first) if exits is None else sorted(set(exits))
     config = BalconyConfig(exits=depths, init=init, block=block, base_model_type=model.config.model_type,
                            base_num_hidden_layers=n, base_hidden_size=model.config.hidden_size)
+    template = _template_layer(stack)
     built = {}
     for k in depths:
-        layer = _exit_layer(stack.layers[-1], k, block)
+        layer = _exit_layer(template, k, block)
         if init == "random":
             _reinit(layer, model.config.initializer_range)
-        built[k] = BalconyExit(layer, copy.deepcopy(stack.layers[k].input_layernorm))
+        built[k] = BalconyExit(layer, copy.deepcopy(_input_norm(stack.layers[k])))
     out = BalconyExits(built, config)
     out.requires_grad_(True)
     return out.eval()  # no dropout in an exit; eval keeps gradient checkpointing of copied layers off
@@ -146,9 +170,10 @@ def add_exits(model: nn.Module, exits: Sequence[int] | None = None, init: str = 
     """Freeze `model` and attach new exits as `model.balcony_exits`; only they train."""
     if hasattr(model, "balcony_exits"):
         raise ValueError("this model already has Balcony exits (model.balcony_exits)")
+    built = build_exits(model, exits, init, block, keep_first)  # refusals leave the model as it was
     model.requires_grad_(False)
-    model.balcony_exits = build_exits(model, exits, init, block, keep_first)
-    return model.balcony_exits
+    model.balcony_exits = built
+    return built
 
 
 def _exits_of(model: nn.Module, exits: BalconyExits | None) -> BalconyExits:
@@ -202,8 +227,9 @@ def exit_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
                 exits: BalconyExits | None = None, depths: Sequence[int] | None = None,
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """(full-model logits, {k: exit-k logits}) from one forward of the base (no gradient: the base is
-    the frozen teacher). Each exit layer gets `hidden_states[k]` and exactly the mask and position
-    embeddings the base's last layer got (its attention type), so this equals `exit_forward`."""
+    the frozen teacher). Each exit layer gets `hidden_states[k]` and exactly the other arguments the
+    base's last layer got, positional and keyword (mask, position embeddings, its attention type; the
+    families' own: padding validity, positions), so this equals `exit_forward`."""
     exits = _exits_of(model, exits)
     stack = decoder_stack(model)
     depths = exits.depths if depths is None else list(depths)
@@ -216,23 +242,23 @@ def exit_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             captured[k] = args[0] if args else kwargs["hidden_states"]
         return hook
 
-    def keep_kwargs(module, args, kwargs):
-        captured["layer_kwargs"] = kwargs
+    def keep_arguments(module, args, kwargs):  # all but the hidden states (the teacher runs without a cache)
+        captured["layer_args"] = (args[1:], {key: v for key, v in kwargs.items() if key != "hidden_states"})
 
     hooks = [stack.layers[k].register_forward_pre_hook(keep_input(k), with_kwargs=True) for k in set(depths)]
-    hooks.append(stack.layers[-1].register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+    hooks.append(stack.layers[-1].register_forward_pre_hook(keep_arguments, with_kwargs=True))
     try:
         with torch.no_grad():
             full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
-    layer_kwargs = {**captured["layer_kwargs"], "past_key_values": None, "use_cache": False}
+    layer_args, layer_kwargs = captured["layer_args"]
     head = model.get_output_embeddings()
     # The head is shared and frozen: detached, so an exit's loss never leaves a gradient on the base's
     # head (under RL the policy's head trains, and its .grad belongs to the policy's own loss).
     weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-    return full, {k: F.linear(exits[k](captured[k], **layer_kwargs), weight, bias) for k in depths}
+    return full, {k: F.linear(exits[k](captured[k], *layer_args, **layer_kwargs), weight, bias) for k in depths}
 
 
 def exit_kl(full_logits: torch.Tensor, exit_logits: torch.Tensor, mask: torch.Tensor | None = None,

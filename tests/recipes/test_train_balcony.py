@@ -85,6 +85,24 @@ def test_bad_text_files_fail_before_the_model_loads(tmp_path, monkeypatch, lines
                             "--output_dir", str(tmp_path / "run")])
 
 
+@pytest.mark.parametrize("family", ["dtrnet", "regla", "resona", "scout"])
+def test_an_exit_block_the_family_cannot_run_fails_before_the_model_loads(tmp_path, monkeypatch, family):
+    """Attention-/MLP-only exits need a Llama-style layer: on these families the recipe refuses from the
+    base's config alone, naming the family, before any tokenizer or weights load."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the unsupported exit was rejected")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    transformers.AutoConfig.for_model(family, num_hidden_layers=4).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=f"block='mlp' is not supported on a {family} base"):
+        train_balcony.main(["--model_name_or_path", str(tmp_path / "base"), "--block", "mlp", "--train_examples", "8",
+                            "--eval_examples", "2", "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"exits \[4\] are out of range for a base with 4 layers"):
+        train_balcony.main(["--model_name_or_path", str(tmp_path / "base"), "--exits", "4", "--train_examples", "8",
+                            "--eval_examples", "2", "--output_dir", str(tmp_path / "run")])
+
+
 @pytest.mark.slow
 def test_trained_exits_beat_untrained_ones_on_the_embedded_model(tmp_path):
     """The same check on the embedded model: its build (architecture, tokenizer, word problems, LayerDrop
