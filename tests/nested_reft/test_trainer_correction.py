@@ -87,13 +87,18 @@ def test_advantages_are_weighted_by_independent_pi_old_and_mu(small_model_dir, c
     assert (out["advantages"] - adv * reversed_w).abs().max() > 1e-3  # the test can tell the two apart
 
 
-def trl_loss_with_weighted_advantages(model_dir, tokenizer, tmp_path, batch, completions, weights, **kwargs):
+def trl_loss_with_weighted_advantages(model_dir, tokenizer, tmp_path, batch, completions, weights, model_state=None,
+                                      **kwargs):
+    """TRL's loss and gradients on the same batch with advantages × weights (`model_state`: the
+    policy's weights at loss time, when they moved after sampling)."""
     theirs = GRPOTrainer(model=model_dir, reward_funcs=length_reward, processing_class=tokenizer,
                          train_dataset=dataset(), args=GRPOConfig(output_dir=str(tmp_path / "trl"), **{**FP32, **kwargs}))
     theirs._generate_single_turn = lambda prompt_ids, *a, **k: ([list(c) for c in completions], None)
     theirs.model.train()
     inputs = theirs._prepare_inputs(batch)
     inputs["advantages"] = inputs["advantages"].unsqueeze(1) * weights
+    if model_state is not None:
+        theirs.model.load_state_dict(model_state)
     return loss_and_grads(theirs, inputs)
 
 
