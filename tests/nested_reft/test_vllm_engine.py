@@ -250,3 +250,16 @@ def test_lora_weight_sync_matches_the_merged_model(engine, hf_model, chat_tokeni
         assert greedy(engine, prompts) == hf_greedy(merged, chat_tokenizer, prompts, skip)
     finally:
         engine.load_weights(hf_model.named_parameters())
+
+
+def test_vllm_outside_the_tested_range_is_refused_with_the_range(monkeypatch):
+    from nested_reft.engines.vllm_plugin import ALLOW_UNTESTED_ENV, check_vllm_version
+
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    assert check_vllm_version("0.32.0") == "0.32.0" and check_vllm_version("0.32.3+cpu") == "0.32.3+cpu"
+    assert check_vllm_version() == vllm.__version__  # the installed one is tested
+    for bad in ("0.11.0", "0.31.2", "0.33.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=rf"vLLM {bad} is installed; .* tested with vllm >=0.32,<0.33"):
+            check_vllm_version(bad)
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    assert check_vllm_version("0.33.0") == "0.33.0"
