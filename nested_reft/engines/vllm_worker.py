@@ -146,8 +146,14 @@ _written: set[str] = set()  # weight files of this process that exist now
 _swept: set[str] = set()  # folders already cleared of files left by killed processes
 
 
-def _host() -> str:
-    return socket.gethostname().replace("_", "-")  # "_" separates the fields of a file name
+def _writer() -> str:
+    """This machine and PID namespace, where the pid in a file name means this process: containers
+    that share /dev/shm (and often the hostname) have PID namespaces of their own."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        namespace = "0"
+    return f"{socket.gethostname().replace('_', '-')}-{namespace}"  # "_" separates the fields of a name
 
 
 def _remove_written() -> None:
@@ -162,11 +168,11 @@ atexit.register(_remove_written)
 
 def _remove_files_of_dead_processes(folder: str) -> None:
     """Weight files that processes of this machine left when they were killed (SIGKILL, OOM):
-    each name carries its writer's host and pid. Files of other machines are left alone."""
+    each name carries its writer's machine, PID namespace and pid. Others' files are left alone."""
     if folder in _swept:
         return
     _swept.add(folder)
-    prefix = f"{WEIGHTS_FILE[0]}{_host()}_"
+    prefix = f"{WEIGHTS_FILE[0]}{_writer()}_"
     for name in os.listdir(folder):
         pid = name[len(prefix):].split("_", 1)[0]
         if not (name.startswith(prefix) and name.endswith(WEIGHTS_FILE[1]) and pid.isdigit()):
@@ -205,10 +211,10 @@ def _on_sigterm_remove_written():
 
 @contextlib.contextmanager
 def weights_file(folder: str):
-    """A fresh `nested_reft_weights_<host>_<pid>_*.safetensors` path in `folder` for one weight sync;
+    """A fresh `nested_reft_weights_<host>-<pidns>_<pid>_*.safetensors` path in `folder` for one sync;
     the file is gone when the block ends, and also when the process ends inside it (above)."""
     _remove_files_of_dead_processes(folder)
-    fd, path = tempfile.mkstemp(prefix=f"{WEIGHTS_FILE[0]}{_host()}_{os.getpid()}_", suffix=WEIGHTS_FILE[1], dir=folder)
+    fd, path = tempfile.mkstemp(prefix=f"{WEIGHTS_FILE[0]}{_writer()}_{os.getpid()}_", suffix=WEIGHTS_FILE[1], dir=folder)
     os.close(fd)
     _written.add(path)
     undo = _on_sigterm_remove_written()
