@@ -187,6 +187,11 @@ class DTRNetPreTrainedModel(PreTrainedModel):
 
 
 class DTRNetModel(DTRNetPreTrainedModel):
+    # Trainers that call the backbone directly (TRL's fused LM head) add `aux_loss_coef · router_loss`
+    # through these (nested_reft.aux_loss); `DTRNetForCausalLM` adds it itself when given labels.
+    auxiliary_loss_output = "router_loss"
+    auxiliary_loss_coef = "aux_loss_coef"
+
     def __init__(self, config: DTRNetConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
