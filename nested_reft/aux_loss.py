@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from trl import SFTTrainer
 
 
 @contextlib.contextmanager
@@ -76,11 +75,3 @@ class GRPOAuxLossMixin(BackboneAuxLossMixin):
     def _auxiliary_loss_normalizer(self, model, num_items_in_batch) -> float:
         # GRPO's policy loss is already divided by the accumulation steps (TRL turns HF's scaling off)
         return float(self.current_gradient_accumulation_steps)
-
-
-class AuxLossSFTTrainer(BackboneAuxLossMixin, SFTTrainer):
-    """TRL's SFTTrainer that also trains a backbone's auxiliary loss (DTRNet's router loss)."""
-
-    def _auxiliary_loss_normalizer(self, model, num_items_in_batch) -> float:
-        # as TRL's SFT scales its MoE loss: with num_items_in_batch, accumulation is left to the loss
-        return float(self.current_gradient_accumulation_steps) if num_items_in_batch is not None else 1.0

@@ -19,7 +19,8 @@ TRL's hooks this class overrides, in the order they run in one training step:
    π_old (dropout off), the finiteness check, the correction weights and the diagnostics;
    back in `_prepare_inputs` TRL splits the round into batches (ours trims unused padding);
 6. `compute_loss` (TRL's `_compute_loss`, plus a backbone's auxiliary loss: `aux_loss.py`), then
-   the optimizer step through the guard of `create_optimizer` (skips non-finite steps);
+   the optimizer step through the guard of `create_optimizer` (skips non-finite steps; fp32
+   master weights for half-precision parameters: `master_weights.py`);
 7. `_save_checkpoint` / `_load_optimizer_and_scheduler` (private; overridden because the skip
    policy's RNG, the round counter and a round's remaining batches must be saved and restored
    with the step, and TRL's `_buffered_inputs` lives outside transformers' callback state).
@@ -48,6 +49,7 @@ from .engines import RolloutEngine, RolloutEngineUnavailable, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
+from .master_weights import MasterWeightsMixin
 from .reward_guard import GuardedReward
 from .round_buffer import LEGACY_PICKLE_FILE, has_round_buffer, load_round_buffer, save_round_buffer
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippable_layers
@@ -100,7 +102,7 @@ def trim_completion_padding(inputs: dict) -> dict:
     return trimmed
 
 
-class NestedReFTTrainer(GRPOAuxLossMixin, GRPOTrainer):
+class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
     """GRPO with rollouts from a layer-skipped copy of the policy, corrected off-policy.
 
     Takes every argument of `trl.GRPOTrainer`; `args` is a `NestedReFTConfig`. `engine` may be
@@ -415,7 +417,8 @@ class NestedReFTTrainer(GRPOAuxLossMixin, GRPOTrainer):
         return loss
 
     def create_optimizer(self, model=None):
-        """The optimizer, with its step skipped when the step's loss or gradients are not finite:
+        """The optimizer (AdamW over fp32 masters when trainable parameters are bf16/fp16:
+        `master_weights.py`), with its step skipped when the step's loss or gradients are not finite:
         one NaN would otherwise poison every weight. (With DeepSpeed the engine owns the optimizer
         step and its own overflow check applies instead.)"""
         optimizer = super().create_optimizer(model)

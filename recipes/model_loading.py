@@ -33,6 +33,7 @@ def count_parameters(model_path: str, revision: str | None = None) -> int:
 
 
 OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per parameter
+MASTER_BYTES = 4  # the fp32 master copy of a bf16/fp16 parameter (nested_reft/master_weights.py)
 
 
 def sharding_from_env() -> tuple[int, int]:
@@ -49,19 +50,22 @@ def sharding_from_env() -> tuple[int, int]:
 
 def training_bytes_per_param(dtype: torch.dtype, use_peft: bool, processes: int = 1, zero_stage: int = 0) -> float:
     """GPU bytes per parameter on one process: the weights (LoRA: the frozen weights dominate), or
-    for a full fine-tune weights + gradients (in `dtype`) + AdamW moments, of which ZeRO stage 1
-    shards the moments over the processes, stage 2 the gradients too, stage 3 everything."""
+    for a full fine-tune weights + gradients (in `dtype`) + AdamW moments + an fp32 master copy when
+    `dtype` is half precision (16 bytes per bf16 parameter), of which ZeRO stage 1 shards the
+    optimizer state (moments, masters) over the processes, stage 2 the gradients too, stage 3
+    everything."""
     w = torch.tensor([], dtype=dtype).element_size()
     if use_peft:
         return w
     n = max(1, processes)
+    state = OPTIMIZER_BYTES + (MASTER_BYTES if w < 4 else 0)
     if zero_stage >= 3:
-        return (2 * w + OPTIMIZER_BYTES) / n
+        return (2 * w + state) / n
     if zero_stage == 2:
-        return w + (w + OPTIMIZER_BYTES) / n
+        return w + (w + state) / n
     if zero_stage == 1:
-        return 2 * w + OPTIMIZER_BYTES / n
-    return 2 * w + OPTIMIZER_BYTES
+        return 2 * w + state / n
+    return 2 * w + state
 
 
 def check_fits(n_params: int, dtype: torch.dtype, free_bytes: int, use_peft: bool, processes: int = 1,
@@ -69,7 +73,7 @@ def check_fits(n_params: int, dtype: torch.dtype, free_bytes: int, use_peft: boo
     """Raise a ValueError naming the sizes and the options when training cannot fit in memory."""
     need = n_params * training_bytes_per_param(dtype, use_peft, processes, zero_stage)
     if need > free_bytes:
-        what = "its weights (LoRA)" if use_peft else "a full fine-tune (weights, gradients, AdamW moments)"
+        what = "its weights (LoRA)" if use_peft else "a full fine-tune (weights, gradients, AdamW moments, fp32 masters of half-precision weights)"
         sharded = f" per GPU with ZeRO-{zero_stage} over {processes} processes" if zero_stage and not use_peft else ""
         raise ValueError(
             f"the model has {n_params / 1e9:.2f}B parameters: {what} needs about {need / 2**30:.1f} GiB{sharded} in "

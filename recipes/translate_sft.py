@@ -1,5 +1,5 @@
-"""R1-T1 stage 1: supervised cold start on chain-of-thought translations (TRL's SFTTrainer; a
-backbone's auxiliary loss, such as DTRNet's router loss, is added: nested_reft/aux_loss.py).
+"""R1-T1 stage 1: supervised cold start on chain-of-thought translations (TRL's SFTTrainer, as
+nested_reft/sft.py extends it: a backbone's auxiliary loss is trained, half-precision weights get fp32 masters).
 
     python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml [--key value ...]
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import datasets
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from nested_reft.aux_loss import AuxLossSFTTrainer
 from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
+from nested_reft.sft import SFTTrainer
 from r1t1.data import load_authors_cot, load_cot_jsonl
 from r1t1.templates import SELECTION_MODES, TemplateSelector, build_prompt, format_completion
 from r1t1.toy import toy_rows
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     with whole_model(model) as whole:  # every process evaluates (ZeRO-3: gathered); the main one writes
         before = run.before(lambda: held_out(whole, tokenizer, test, script_args, "before SFT", training_args.seed))
 
-    trainer = AuxLossSFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args), callbacks=[JsonlMetricsCallback(run.metrics_path)])
     train_seconds = run.train(trainer, save_tokenizer=tokenizer)
     with whole_model(trainer.model, trainer) as whole:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 
@@ -27,7 +26,6 @@ from .vllm_plugin import check_vllm_version, skip_architecture
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "nested_reft.engines.vllm_worker.NestedReFTWorkerExtension"
-SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 @contextlib.contextmanager
@@ -170,13 +168,11 @@ class VLLMEngine(RolloutEngine):
         else:  # RPC arguments are serialised: hand the workers a safetensors file in shared memory
             from safetensors.torch import save_file
 
-            fd, path = tempfile.mkstemp(suffix=".safetensors", dir=SHM)
-            os.close(fd)
-            try:
+            from .vllm_worker import weights_file, worker_weights_dir
+
+            with weights_file(worker_weights_dir()) as path:  # the folder the workers read; removed on SIGTERM too
                 save_file(dict(named), path)
                 self.llm.collective_rpc("nested_reft_load_weights", args=(path,))
-            finally:
-                os.unlink(path)
         if self.enable_prefix_caching:
             self.llm.reset_prefix_cache()
         self.last_sync_seconds = time.perf_counter() - start

@@ -120,12 +120,12 @@ def test_dtrnet_router_loss_is_trained_by_sft(chat_tokenizer, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from nested_reft.aux_loss import AuxLossSFTTrainer
+    from nested_reft.sft import SFTTrainer as OurSFTTrainer
 
     model_dir = _dtrnet_dir(chat_tokenizer, tmp_path / "dtrnet")
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
              "completion": [{"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(4)]
-    trainer = AuxLossSFTTrainer(model=model_dir, processing_class=chat_tokenizer, train_dataset=Dataset.from_list(rows),
+    trainer = OurSFTTrainer(model=model_dir, processing_class=chat_tokenizer, train_dataset=Dataset.from_list(rows),
                                 args=SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4,
                                                report_to=[], use_cpu=True, bf16=False, max_steps=1))
     batch = next(iter(trainer.get_train_dataloader()))
