@@ -111,8 +111,12 @@ def load_comet(path: str | os.PathLike):
 
 
 # sacrebleu's tokenizer for BLEU by target language (our short codes; `kr` is the authors' Korean tag).
-# Languages written without spaces need their own; the rest use sacrebleu's default, 13a.
-BLEU_TOKENIZERS = {"zh": "zh", "zt": "zh", "ja": "ja-mecab", "ko": "ko-mecab", "kr": "ko-mecab"}
+# 13a splits at spaces, so a language written without spaces between words is one "word" per sentence
+# under it, and a hypothesis one word off its reference scores 0. Such languages get a tokenizer of
+# their own: sacrebleu's word segmenters for Chinese, Japanese and Korean, characters for Thai, Lao,
+# Burmese and Khmer (sacrebleu has no word segmenter for them). The rest use 13a.
+BLEU_TOKENIZERS = {"zh": "zh", "zt": "zh", "ja": "ja-mecab", "ko": "ko-mecab", "kr": "ko-mecab",
+                   "th": "char", "lo": "char", "my": "char", "km": "char"}
 _TOKENIZER_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]", "flores200": "sentencepiece",
                      "flores101": "sentencepiece", "spm": "sentencepiece"}
 _bleus: dict[str, BLEU] = {}
@@ -120,9 +124,11 @@ _bleus: dict[str, BLEU] = {}
 
 def bleu_tokenizer(tgt_lang: str | None, tokenize: str | None = None) -> str:
     """The sacrebleu tokenizer BLEU uses for `tgt_lang`: `tokenize` when given (any sacrebleu
-    name, e.g. 'flores200'), else the language's own (zh, ja-mecab, ko-mecab) or '13a'."""
+    name, e.g. 'flores200'), else the language's own (`BLEU_TOKENIZERS`) or '13a'."""
     if tokenize:
         return tokenize
+    if tgt_lang is not None and not isinstance(tgt_lang, str):
+        raise ValueError(f"target language must be a language code such as 'th', got {tgt_lang!r}")
     return BLEU_TOKENIZERS.get((tgt_lang or "").strip().lower(), "13a")
 
 

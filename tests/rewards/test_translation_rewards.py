@@ -217,3 +217,89 @@ def test_bleu_uses_the_target_languages_tokenizer():
 def test_missing_or_unknown_bleu_tokenizer_fails_before_training():
     with pytest.raises(ValueError, match="'nonsense'"):
         make_translation_reward("bleu", bleu_tokenize="nonsense")
+
+
+# One sentence per target language of the released 78-direction grid, plus Lao, Burmese and Khmer
+# (written without spaces, as Thai), each with one word changed ("cat" -> "dog", or the like).
+ONE_WORD_OFF = {
+    "ar": ("القطة العجوز تنام كل مساء على السجادة الدافئة في المطبخ", "الكلبة"),
+    "cs": ("Starý kocour spí každé odpoledne na teplé rohožce v kuchyni .", "pes"),
+    "de": ("Die alte Katze schläft jeden Nachmittag auf der warmen Matte in der Küche .", "Maus"),
+    "el": ("Η γέρικη γάτα κοιμάται κάθε απόγευμα στο ζεστό χαλάκι της κουζίνας .", "σκύλα"),
+    "en": ("The old cat sleeps on the warm mat in the kitchen every afternoon .", "dog"),
+    "es": ("El gato viejo duerme cada tarde sobre la alfombra caliente de la cocina .", "perro"),
+    "fr": ("Le vieux chat dort chaque après-midi sur le tapis chaud de la cuisine .", "chien"),
+    "id": ("Kucing tua itu tidur setiap sore di atas keset hangat di dapur .", "Anjing"),
+    "it": ("Il vecchio gatto dorme ogni pomeriggio sul tappeto caldo della cucina .", "cane"),
+    "ja": ("年老いた猫は毎日午後、台所の暖かいマットの上で眠ります。", "犬"),
+    "ko": ("늙은 고양이는 매일 오후 부엌의 따뜻한 매트 위에서 잔다 .", "강아지는"),
+    "ms": ("Kucing tua itu tidur setiap petang di atas tikar hangat di dapur .", "Anjing"),
+    "nl": ("De oude kat slaapt elke middag op de warme mat in de keuken .", "hond"),
+    "pl": ("Stary kot śpi każdego popołudnia na ciepłej macie w kuchni .", "pies"),
+    "pt": ("O gato velho dorme todas as tardes no tapete quente da cozinha .", "cão"),
+    "ru": ("Старый кот каждый день спит на тёплом коврике на кухне .", "пёс"),
+    "th": ("แมวแก่นอนบนเสื่ออุ่นในครัวทุกบ่าย", "หมา"),
+    "tl": ("Natutulog ang matandang pusa tuwing hapon sa mainit na banig sa kusina .", "aso"),
+    "tr": ("Yaşlı kedi her öğleden sonra mutfaktaki sıcak paspasın üzerinde uyur .", "köpek"),
+    "vi": ("Con mèo già ngủ mỗi buổi chiều trên tấm thảm ấm trong bếp .", "chó"),
+    "zh": ("那只老猫每天下午都睡在厨房里温暖的垫子上。", "狗"),
+    "lo": ("ແມວເຖົ້ານອນຢູ່ເທິງສາດອຸ່ນໃນເຮືອນຄົວທຸກຕອນບ່າຍ", "ໝາ"),
+    "my": ("ကြောင်အိုသည်နေ့လယ်တိုင်းမီးဖိုချောင်ထဲရှိနွေးထွေးသောဖျာပေါ်တွင်အိပ်သည်။", "ခွေး"),
+    "km": ("ឆ្មាចាស់ដេកលើកន្ទេលក្តៅក្នុងផ្ទះបាយរៀងរាល់រសៀល។", "ឆ្កែ"),
+}
+# the word each sentence has changed: its first "cat" (a word in spaced scripts, a character run otherwise)
+_CAT = {"ar": "القطة", "cs": "kocour", "de": "Katze", "el": "γάτα", "en": "cat", "es": "gato", "fr": "chat",
+        "id": "Kucing", "it": "gatto", "ja": "猫", "ko": "고양이는", "ms": "Kucing", "nl": "kat", "pl": "kot",
+        "pt": "gato", "ru": "кот", "th": "แมว", "tl": "pusa", "tr": "kedi", "vi": "mèo", "zh": "猫", "lo": "ແມວ",
+        "my": "ကြောင်", "km": "ឆ្មា"}
+
+
+def _one_word_off(lang):
+    ref, word = ONE_WORD_OFF[lang]
+    assert ref.count(_CAT[lang]) == 1
+    return ref.replace(_CAT[lang], word), ref
+
+
+def test_thai_one_word_off_scores_its_character_bleu_not_zero():
+    hyp, ref = _one_word_off("th")
+    assert BLEU(tokenize="13a", effective_order=True).sentence_score(hyp, [ref]).score == 0.0  # the bug: one "word"
+    char = BLEU(tokenize="char", effective_order=True).sentence_score(hyp, [ref]).score / 100
+    assert char == pytest.approx(0.912, abs=1e-3)
+    assert quality([hyp], [ref], metric="bleu", tgt_langs=["th"]) == [pytest.approx(char, abs=1e-12)]
+    got = make_translation_reward("bleu", target_languages=["th"])(
+        [f"<think>t</think><answer>{hyp}</answer>"], src=["s"], ref=[ref], tgt_lang=["th"])
+    assert got == [pytest.approx(0.2 + 0.91)]
+
+
+# sacrebleu's word segmenters where it has one, characters for the other scripts without spaces, else 13a
+OWN_TOKENIZER = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab", "th": "char", "lo": "char", "my": "char", "km": "char"}
+
+
+def test_every_target_language_of_the_grid_scores_one_word_off_above_zero():
+    from r1t1.data import paper_directions
+
+    targets = sorted({tgt for _, tgt in paper_directions()} | {"lo", "my", "km"})
+    assert len(targets) == 24 and set(targets) == set(ONE_WORD_OFF)
+    for lang in targets:
+        hyp, ref = _one_word_off(lang)
+        got = quality([hyp], [ref], metric="bleu", tgt_langs=[lang])[0]
+        tokenize = OWN_TOKENIZER.get(lang, "13a")
+        assert got == pytest.approx(BLEU(tokenize=tokenize, effective_order=True).sentence_score(hyp, [ref]).score / 100,
+                                    abs=1e-12), (lang, tokenize)
+        assert 0.7 < got < 1, (lang, got)
+
+
+def test_evaluation_bleu_uses_the_target_languages_tokenizer():
+    from r1t1.evaluation import score_translations
+
+    pairs = [_one_word_off("th"), (ONE_WORD_OFF["th"][0], ONE_WORD_OFF["th"][0])]
+    completions = [f"<think>t</think><answer>{h}</answer>" for h, _ in pairs]
+    scores = score_translations(completions, ["s", "s"], [r for _, r in pairs], tgt_lang="th")
+    corpus = BLEU(tokenize="char").corpus_score([h for h, _ in pairs], [[r for _, r in pairs]])
+    assert scores.bleu == pytest.approx(corpus.score, abs=1e-9) and 90 < scores.bleu < 100
+    assert "tok:char" in scores.bleu_signature
+
+
+def test_a_target_language_that_is_not_a_code_is_a_clear_error():
+    with pytest.raises(ValueError, match="language code such as 'th', got 5"):
+        translation_reward([GOOD], ["s"], ["r"], metric="bleu", tgt_lang=[5])
