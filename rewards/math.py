@@ -33,6 +33,17 @@ def get_verifier(num_workers: int = 1, timeout: float = DEFAULT_TIMEOUT_S) -> Ma
         return _verifier
 
 
+def pop_timeouts() -> int:
+    """How many `accuracy_reward` checks were cut off at their time limit since the last call.
+
+    Each scored 0, but it is not a wrong answer: a trainer logs this per step beside the reward
+    (`rewards/accuracy_reward/timeouts`). Also reachable as `accuracy_reward.pop_timeouts()`.
+    Counts start again when the verifier is rebuilt for another size or time limit.
+    """
+    with _verifier_lock:
+        return _verifier.pop_timeouts() if _verifier is not None else 0
+
+
 def accuracy_reward(completions, solution, *, timeout: float | None = None, num_workers: int = 1,
                     **kwargs) -> list[float]:
     """1.0 where the completion's final answer equals the gold `solution`, else 0.0.
@@ -47,6 +58,9 @@ def accuracy_reward(completions, solution, *, timeout: float | None = None, num_
         raise ValueError(f"got {len(preds)} completions but {len(golds)} solutions")
     verifier = get_verifier(num_workers, DEFAULT_TIMEOUT_S if timeout is None else timeout)
     return verifier.score_many(preds, golds)
+
+
+accuracy_reward.pop_timeouts = pop_timeouts  # reward wrappers (GuardedReward) look for it on the function
 
 
 _THINK = re.compile(r"\A\s*<think>(?P<reasoning>.*?)</think>(?P<after>.*)\Z", re.DOTALL)

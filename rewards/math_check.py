@@ -52,8 +52,9 @@ def _prepare_pred(pred: str) -> str:
 def check_answer(pred: str, gold: str, timeout: float | None = None) -> float:
     """1.0 if the final answer of `pred` is mathematically equivalent to `gold`, else 0.0.
 
-    `timeout` uses math-verify's own signal timer, so pass it only from a main thread; the
-    verification worker does, and its parent kills it if even that does not return.
+    `timeout` uses math-verify's own signal timers (whole seconds, one per parse and one for the
+    comparison), so pass it only from a main thread. The verification worker leaves it None and
+    bounds the whole check with one timer of its own.
     """
     seconds = max(1, int(round(timeout))) if timeout else None
     gold_parsed = parse(normalize_gold(gold), GOLD_CONFIG, parsing_timeout=seconds)

@@ -6,12 +6,17 @@ where its behaviour is surprising the case says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,10 +30,14 @@ from rewards.verifier import MathVerifier
 logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it logs every unparsable input
 logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
 
-# One timeout for every accuracy_reward call here, so the whole file shares one verifier.
-TIMEOUT = 3.0
-# A check that overruns costs its timeout plus a worker restart (about 1 s); generous for CI.
-OVERRUN_BUDGET_S = 15.0
+# Verdicts must not depend on the machine's speed: a check of these tables takes milliseconds (at
+# most about 0.3 s, on a quiet machine), and a limit that a loaded machine can reach would turn right
+# answers into 0s. So every verdict here is checked under a limit only a hung check reaches, and one
+# value for it lets the whole file share one verifier.
+VERDICT_TIMEOUT = 60.0
+# Checks meant to be cut off (power towers never finish) get a short limit of their own, still
+# hundreds of times what a normal check of the same batch takes.
+HANG_LIMIT = 2.0
 
 POWER_TOWER = "\\boxed{10^{10^{10^{10}}}}"  # sympy evaluates this for far longer than any timeout
 
@@ -157,17 +166,16 @@ def test_accuracy_reward_matches_table_in_one_batch():
     completions = [c.values[0] for c in EQUIVALENCE_CASES]
     golds = [c.values[1] for c in EQUIVALENCE_CASES]
     expected = [c.values[2] for c in EQUIVALENCE_CASES]
-    assert accuracy_reward(completions, golds, timeout=TIMEOUT) == expected
+    assert accuracy_reward(completions, golds, timeout=VERDICT_TIMEOUT) == expected
 
 
 def test_score_many_keeps_order_with_two_workers():
     completions = [completion_text(c.values[0]) for c in EQUIVALENCE_CASES]
     golds = [c.values[1] for c in EQUIVALENCE_CASES]
     expected = [c.values[2] for c in EQUIVALENCE_CASES]
-    verifier = MathVerifier(num_workers=2, timeout=TIMEOUT)
+    verifier = MathVerifier(num_workers=2, timeout=VERDICT_TIMEOUT)
     try:
         assert verifier.score_many(completions, golds) == expected
-        assert verifier.timeouts == 0
     finally:
         verifier.close()
 
@@ -192,14 +200,14 @@ def test_normalize_gold(gold, normalized):
 
 def test_gold_may_be_a_number_and_extra_kwargs_are_ignored():
     rewards = accuracy_reward(
-        ["\\boxed{42}", "\\boxed{42}"], [42, 41], timeout=TIMEOUT, prompts=["q1", "q2"], trainer_state=None
+        ["\\boxed{42}", "\\boxed{42}"], [42, 41], timeout=VERDICT_TIMEOUT, prompts=["q1", "q2"], trainer_state=None
     )
     assert rewards == [1.0, 0.0]
 
 
 def test_accuracy_reward_length_mismatch_raises():
     with pytest.raises(ValueError, match="2 completions but 1 solutions"):
-        accuracy_reward(["\\boxed{1}", "\\boxed{2}"], ["1"], timeout=TIMEOUT)
+        accuracy_reward(["\\boxed{1}", "\\boxed{2}"], ["1"], timeout=VERDICT_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +255,9 @@ MEGABYTE = FILLER * (2**20 // len(FILLER) + 1)
     ],
 )
 def test_adversarial_accuracy_and_format(completion, gold, expected):
-    started = time.perf_counter()
-    assert accuracy_reward([completion], [gold], timeout=TIMEOUT) == [expected]
+    assert accuracy_reward([completion], [gold], timeout=VERDICT_TIMEOUT) == [expected]
     # none of these has a <think> block, so none is well formatted
     assert format_reward([completion]) == [0.0]
-    assert time.perf_counter() - started < OVERRUN_BUDGET_S
 
 
 @pytest.mark.parametrize(
@@ -262,27 +268,27 @@ def test_adversarial_accuracy_and_format(completion, gold, expected):
         pytest.param("<think>compute</think> " + POWER_TOWER, id="power-tower-well-formatted"),
     ],
 )
-def test_power_tower_scores_zero_in_bounded_time(completion):
-    started = time.perf_counter()
-    assert accuracy_reward([completion], ["1"], timeout=TIMEOUT) == [0.0]
-    assert time.perf_counter() - started < OVERRUN_BUDGET_S
+def test_power_tower_is_cut_off_and_counted(completion, hang_verifier):
+    # it returns at all only because it was cut off: sympy would compute for minutes
+    assert hang_verifier.score(completion, "1", timeout=HANG_LIMIT) == 0.0
+    assert hang_verifier.pop_timeouts() == 1
     # and the verifier still answers correctly afterwards
-    assert accuracy_reward(["\\boxed{42}", "\\boxed{43}"], ["42", "42"], timeout=TIMEOUT) == [1.0, 0.0]
+    assert hang_verifier.score_many(["\\boxed{42}", "\\boxed{43}"], ["42", "42"]) == [1.0, 0.0]
+    assert hang_verifier.pop_timeouts() == 0
 
 
-def test_megabyte_completions_are_fast():
+def test_megabyte_completions():
+    # that they cost no more than short ones is test_parse_window_is_the_last_max_parsed_chars
     completions = [MEGABYTE + "\\boxed{42}", "<think>" + MEGABYTE + "</think> \\boxed{42}", " " * 2**20]
-    started = time.perf_counter()
-    assert accuracy_reward(completions, ["42", "42", "42"], timeout=TIMEOUT) == [1.0, 1.0, 0.0]
+    assert accuracy_reward(completions, ["42", "42", "42"], timeout=VERDICT_TIMEOUT) == [1.0, 1.0, 0.0]
     assert format_reward(completions) == [0.0, 1.0, 0.0]
-    assert time.perf_counter() - started < OVERRUN_BUDGET_S
 
 
 def test_parse_window_is_the_last_max_parsed_chars():
     answer = "\\boxed{42}"
     inside = "x " * 10 + answer + "." * (MAX_PARSED_CHARS - len(answer) - 1)
     outside = answer + "." * MAX_PARSED_CHARS
-    assert accuracy_reward([inside, outside], ["42", "42"], timeout=TIMEOUT) == [1.0, 0.0]
+    assert accuracy_reward([inside, outside], ["42", "42"], timeout=VERDICT_TIMEOUT) == [1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,34 +336,138 @@ def test_format_reward_batch_keeps_order():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bounded time: a check that overruns is cut off
+# Bounded time: a check that overruns is cut off, counted, and replaced by a warm spare worker
+
+# More power towers: each keeps sympy busy for minutes (checked under a 2 GiB memory limit)
+HANGS = ["\\boxed{10^{10^{10}}}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}"]
 
 
-def test_overrunning_check_is_cut_off_and_verifier_recovers():
-    verifier = MathVerifier(num_workers=1, timeout=0.5)
+@pytest.fixture(scope="module")
+def hang_verifier():
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT)
+    verifier.pop_timeouts()
+    yield verifier
+    verifier.close()
+
+
+def test_overruns_in_a_parallel_batch_touch_only_their_own_items_and_are_counted_exactly():
+    verifier = MathVerifier(num_workers=2, timeout=HANG_LIMIT)
     try:
-        assert verifier.score("\\boxed{42}", "42") == 1.0  # start the worker outside the timing
-        started = time.perf_counter()
-        assert verifier.score(POWER_TOWER, "1") == 0.0
-        elapsed = time.perf_counter() - started
-        assert verifier.timeouts == 1
-        assert elapsed < OVERRUN_BUDGET_S
-        # the replacement worker gives correct answers, and nothing else is cut off
-        assert verifier.score("\\boxed{42}", "42") == 1.0
-        assert verifier.score("\\boxed{41}", "42") == 0.0
-        assert verifier.score_many(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "4"]) == [1.0, 0.0]
-        assert verifier.timeouts == 1
+        preds = ["\\boxed{1}", POWER_TOWER, "\\boxed{3}", HANGS[0], "\\boxed{4}", "\\boxed{6}", HANGS[1], HANGS[2]]
+        golds = ["1", "1", "3", "1", "4", "5", "1", "1"]
+        assert verifier.score_many(preds, golds) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+        assert verifier.pop_timeouts() == 4 and verifier.pop_timeouts() == 0
+        assert verifier.timeouts == 4
     finally:
         verifier.close()
 
 
-def test_overrun_in_a_parallel_batch_touches_only_its_own_item():
-    verifier = MathVerifier(num_workers=2, timeout=0.5)
+# Loaded into each worker started while `_shim_workers` is on (as sitecustomize): every check takes
+# `delay` seconds longer, as on a loaded machine, and a check of a completion containing STUCK never
+# ends and cannot be interrupted, as C code that never checks for signals.
+WORKER_SHIM = """
+import signal
+import time
+
+import rewards.math_check as math_check
+
+_check = math_check.check_answer
+
+
+def _shimmed_check(pred, gold, *args, **kwargs):
+    if "STUCK" in pred:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM}})
+        time.sleep(600)
+    time.sleep({delay})
+    return _check(pred, gold, *args, **kwargs)
+
+
+math_check.check_answer = _shimmed_check
+"""
+
+
+def _shim_workers(tmp_path, monkeypatch, delay: float = 0.0) -> None:
+    (tmp_path / "sitecustomize.py").write_text(WORKER_SHIM.format(delay=delay))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+
+
+def test_verdicts_hold_when_every_check_is_slow(tmp_path, monkeypatch):
+    """A loaded machine, simulated: each check in the worker takes 3.5 s longer (more than the 3 s
+    limit these tests once used, and failed by on busy machines); the verdicts do not change."""
+    _shim_workers(tmp_path, monkeypatch, delay=3.5)
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT, spares=0)
     try:
-        preds = ["\\boxed{1}", POWER_TOWER, "\\boxed{3}", "\\boxed{4}", "\\boxed{6}"]
-        golds = ["1", "1", "3", "4", "5"]
-        assert verifier.score_many(preds, golds) == [1.0, 0.0, 1.0, 1.0, 0.0]
-        assert verifier.timeouts == 1
+        assert verifier.score("\\boxed{x^2+2x+1}", "(x+1)^2") == 1.0
+        assert verifier.timeouts == 0
+    finally:
+        verifier.close()
+
+
+def _wait_until(condition, failure: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{failure} (waited {seconds:g} s)"
+        time.sleep(0.05)
+
+
+def _record_worker_starts(monkeypatch) -> list:
+    """Every worker started, appended when it is ready; `started_by` names the thread that started it."""
+    import rewards.verifier as verifier_module
+
+    starts = []
+
+    class RecordedWorker(verifier_module._Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.started_by = threading.current_thread().name
+            starts.append(self)
+
+    monkeypatch.setattr(verifier_module, "_Worker", RecordedWorker)
+    return starts
+
+
+def test_a_power_tower_is_cut_off_by_its_own_worker_which_stays(monkeypatch):
+    starts = _record_worker_starts(monkeypatch)
+    verifier = MathVerifier(num_workers=1, timeout=HANG_LIMIT, spares=0)
+    try:
+        assert verifier.score("\\boxed{1}", "1") == 1.0
+        assert len(starts) == 1
+        for hang in [POWER_TOWER, *HANGS]:
+            assert verifier.score(hang, "1") == 0.0
+        assert verifier.score("\\boxed{42}", "42") == 1.0
+        assert verifier.timeouts == 4
+        assert len(starts) == 1  # no worker was killed, so none was started: each time-out cost its limit
+    finally:
+        verifier.close()
+
+
+def test_a_stuck_worker_is_replaced_by_a_warm_spare_not_a_cold_start(tmp_path, monkeypatch):
+    _shim_workers(tmp_path, monkeypatch)
+    starts = _record_worker_starts(monkeypatch)
+    verifier = MathVerifier(num_workers=1, timeout=HANG_LIMIT)
+    try:
+        assert verifier.score("\\boxed{1}", "1") == 1.0
+        _wait_until(lambda: len(starts) == 2, "no spare worker was started")  # the worker and its spare
+        assert verifier.score("STUCK", "1") == 0.0
+        assert starts[0].proc.returncode == -signal.SIGKILL  # killed by us, not at its own later deadline
+        assert verifier.score("\\boxed{42}", "42") == 1.0  # on the spare, which was ready
+        assert (verifier.timeouts, verifier.restarts, verifier.cold_starts) == (1, 1, 0)
+        _wait_until(lambda: len(starts) == 3, "the spare was not replaced")  # in the background
+        # the caller never waited for a start
+        assert threading.current_thread().name not in [w.started_by for w in starts]
+    finally:
+        verifier.close()
+
+
+def test_a_check_that_waits_for_its_worker_to_start_is_counted_as_a_cold_start(tmp_path, monkeypatch):
+    _shim_workers(tmp_path, monkeypatch)
+    verifier = MathVerifier(num_workers=1, timeout=HANG_LIMIT, spares=0)  # replacements start when needed
+    try:
+        verifier.start()
+        assert verifier.score("STUCK", "1") == 0.0
+        assert verifier.score("\\boxed{42}", "42") == 1.0  # waited for the replacement's start
+        assert verifier.score("\\boxed{43}", "42") == 0.0  # its worker was ready
+        assert (verifier.timeouts, verifier.restarts, verifier.cold_starts) == (1, 1, 1)
     finally:
         verifier.close()
 
@@ -379,8 +489,7 @@ def _call_with_deadline(fn, *args, deadline: float = 60.0):
     return box[0]
 
 
-def test_failed_worker_restart_keeps_the_pool_slot(monkeypatch):
-    """A replacement worker that fails to start must not shrink the pool to nothing (a deadlock)."""
+def _flaky_workers(monkeypatch):
     import rewards.verifier as verifier_module
 
     class FlakyWorker(verifier_module._Worker):
@@ -393,17 +502,131 @@ def test_failed_worker_restart_keeps_the_pool_slot(monkeypatch):
             super().__init__(memory_limit_mb)
 
     monkeypatch.setattr(verifier_module, "_Worker", FlakyWorker)
-    verifier = MathVerifier(num_workers=1, timeout=0.5)
+    return FlakyWorker
+
+
+def test_failed_worker_restart_keeps_the_pool_slot(tmp_path, monkeypatch):
+    """A replacement worker that fails to start must not shrink the pool to nothing (a deadlock)."""
+    _shim_workers(tmp_path, monkeypatch)
+    flaky = _flaky_workers(monkeypatch)
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT, spares=0)
     try:
         assert verifier.score("\\boxed{1}", "1") == 1.0
-        FlakyWorker.fail_next_start = True
-        assert _call_with_deadline(verifier.score, POWER_TOWER, "1") == ("value", 0.0)
+        flaky.fail_next_start = True
+        assert _call_with_deadline(verifier.score, "STUCK", "1", HANG_LIMIT) == ("value", 0.0)
         kind, error = _call_with_deadline(verifier.score, "\\boxed{2}", "2")  # the restart fails
         assert kind == "error" and isinstance(error, RuntimeError)
         assert _call_with_deadline(verifier.score, "\\boxed{3}", "3") == ("value", 1.0)
         assert verifier.timeouts == 1
     finally:
         verifier.close()
+
+
+def test_a_spare_that_failed_to_start_is_reported_when_needed_and_replaced(tmp_path, monkeypatch):
+    _shim_workers(tmp_path, monkeypatch)
+    flaky = _flaky_workers(monkeypatch)
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT, spares=1)
+    try:
+        verifier.start()
+        flaky.fail_next_start = True  # the spare started after the next time-out fails
+        assert _call_with_deadline(verifier.score, "STUCK", "1", HANG_LIMIT) == ("value", 0.0)
+        assert _call_with_deadline(verifier.score, "\\boxed{2}", "2") == ("value", 1.0)  # on the first spare
+        assert _call_with_deadline(verifier.score, "STUCK", "1", HANG_LIMIT) == ("value", 0.0)
+        kind, error = _call_with_deadline(verifier.score, "\\boxed{3}", "3")  # the failed spare's turn
+        assert kind == "error" and isinstance(error, RuntimeError)
+        assert _call_with_deadline(verifier.score, "\\boxed{4}", "4") == ("value", 1.0)
+        assert verifier.timeouts == 2
+    finally:
+        verifier.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers never outlive what started them
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields from the state on (state, ppid, ..., utime, stime), or None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or [None, None])[1] == str(pid)]
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its reaper is missing
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = _stat(pid)
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK") if stat else 0.0
+
+
+PARENT = """
+import sys
+
+from rewards.verifier import MathVerifier
+
+verifier = MathVerifier(num_workers=1, timeout=600)
+verifier.score("\\\\boxed{1}", "1")
+print("checking", flush=True)
+verifier.score(sys.argv[1], "1")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+def test_workers_die_when_their_parent_is_killed():
+    root = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, POWER_TOWER], stdout=subprocess.PIPE, text=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    workers = []
+    try:
+        assert parent.stdout.readline().strip() == "checking"
+        # the worker is inside the power tower once it has used more CPU than a start and a check ever do
+        _wait_until(lambda: any(_cpu_seconds(c) > 3 for c in _children(parent.pid)), "no worker is checking")
+        workers = _children(parent.pid)
+        parent.kill()  # as a trainer stopped by SIGKILL or SIGTERM: no cleanup runs
+        parent.wait()
+        _wait_until(lambda: not any(_alive(w) for w in workers), "a worker outlived its parent", seconds=10)
+    finally:
+        parent.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_workers_outlive_the_short_lived_thread_that_first_called():
+    # the parent-death signal follows the thread that started a worker: a reward called from a
+    # thread that then ends (TRL's, GuardedReward's) must not take the workers with it
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT)
+    try:
+        assert _call_with_deadline(verifier.score, "\\boxed{1}", "1") == ("value", 1.0)
+        time.sleep(0.5)  # the signal, if armed for that thread, arrives as soon as it ends
+        assert verifier.score("\\boxed{2}", "2") == 1.0
+        assert verifier.restarts == 0
+    finally:
+        verifier.close()
+
+
+def test_a_worker_nobody_kills_ends_a_stuck_check_itself(tmp_path, monkeypatch):
+    """Without a parent to kill it (and without Linux's parent-death signal), a worker stuck where
+    its own timer cannot stop it still ends at its deadline: twice the check's limit plus a second."""
+    from rewards.verifier import _Worker
+
+    _shim_workers(tmp_path, monkeypatch)
+    worker = _Worker(memory_limit_mb=2048)
+    try:
+        assert worker.check("\\boxed{2}", "2", timeout=VERDICT_TIMEOUT) == (1.0, False)  # it stays after a check
+        assert worker.check(POWER_TOWER, "1", timeout=0.5) == (0.0, True)  # and after a time-out
+        worker.proc.stdin.write(json.dumps({"pred": "STUCK", "gold": "1", "timeout": 0.5}) + "\n")
+        worker.proc.stdin.flush()
+        assert worker.proc.wait(timeout=60) == 1  # faulthandler's exit, not the 600 s the check would take
+    finally:
+        worker.kill()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +641,7 @@ def test_failed_worker_restart_keeps_the_pool_slot(monkeypatch):
         ({"timeout": 0}, "timeout must be > 0 seconds, got 0"),
         ({"timeout": -1.5}, "timeout must be > 0 seconds, got -1.5"),
         ({"timeout": float("nan")}, "timeout must be > 0 seconds, got nan"),
+        ({"spares": -1}, "spares must be >= 0, got -1"),
     ],
 )
 def test_verifier_rejects_bad_arguments(kwargs, message):
@@ -426,7 +650,7 @@ def test_verifier_rejects_bad_arguments(kwargs, message):
 
 
 def test_score_many_length_mismatch_raises():
-    verifier = MathVerifier(num_workers=1, timeout=TIMEOUT)
+    verifier = MathVerifier(num_workers=1, timeout=VERDICT_TIMEOUT)
     with pytest.raises(ValueError, match="got 2 predictions but 1 gold answers"):
         verifier.score_many(["1", "2"], ["1"])
     with pytest.raises(ValueError, match="got 0 predictions but 1 gold answers"):
@@ -435,13 +659,13 @@ def test_score_many_length_mismatch_raises():
 
 
 def test_get_verifier_is_shared_and_rebuilt_on_new_settings():
-    first = get_verifier(1, TIMEOUT)
-    assert get_verifier(1, TIMEOUT) is first
-    other = get_verifier(1, TIMEOUT + 1)
-    assert other is not first and (other.num_workers, other.timeout) == (1, TIMEOUT + 1)
-    restored = get_verifier(1, TIMEOUT)
-    assert (restored.num_workers, restored.timeout) == (1, TIMEOUT)
-    assert accuracy_reward(["\\boxed{42}"], ["42"], timeout=TIMEOUT) == [1.0]
+    first = get_verifier(1, VERDICT_TIMEOUT)
+    assert get_verifier(1, VERDICT_TIMEOUT) is first
+    other = get_verifier(1, VERDICT_TIMEOUT + 1)
+    assert other is not first and (other.num_workers, other.timeout) == (1, VERDICT_TIMEOUT + 1)
+    restored = get_verifier(1, VERDICT_TIMEOUT)
+    assert (restored.num_workers, restored.timeout) == (1, VERDICT_TIMEOUT)
+    assert accuracy_reward(["\\boxed{42}"], ["42"], timeout=VERDICT_TIMEOUT) == [1.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +683,7 @@ def _score_batch(offset: int) -> list[float]:
     completions, golds, _ = BATCH
     completions = completions[offset:] + completions[:offset]
     golds = golds[offset:] + golds[:offset]
-    return accuracy_reward(completions, golds, timeout=TIMEOUT)
+    return accuracy_reward(completions, golds, timeout=VERDICT_TIMEOUT)
 
 
 def _expected(offset: int) -> list[float]:
@@ -482,7 +706,7 @@ def test_accuracy_reward_from_concurrent_threads():
 
 
 def test_verifier_shared_by_threads():
-    verifier = MathVerifier(num_workers=2, timeout=TIMEOUT)
+    verifier = MathVerifier(num_workers=2, timeout=VERDICT_TIMEOUT)
     try:
         preds = [f"\\boxed{{{i}}}" for i in range(12)]
         golds = [str(i if i % 3 else i + 1) for i in range(12)]
@@ -528,7 +752,7 @@ PROPERTY_SETTINGS = settings(
 
 
 def _check_rewards(completion, gold):
-    acc = accuracy_reward([completion, chat(completion)], [gold, gold], timeout=TIMEOUT)
+    acc = accuracy_reward([completion, chat(completion)], [gold, gold], timeout=VERDICT_TIMEOUT)
     fmt = format_reward([completion, chat(completion)])
     assert all(type(x) is float and x in (0.0, 1.0) for x in acc + fmt)
     assert acc[0] == acc[1] and fmt[0] == fmt[1]  # a string and its chat form score the same
