@@ -5,7 +5,9 @@ user's parser meeting an odd completion) or one hang (a regex or a network call 
 returns) stops a run that may have trained for hours. `GuardedReward` calls the batch in a
 thread with a time limit; if the batch call raises, overruns or returns the wrong number of
 scores, it scores each sample alone under the same limit, and a sample that still fails scores 0.
-Failures are counted; the trainer logs them per round as `rewards/<name>/failed`.
+Failures are counted; the trainer logs them per round as `rewards/<name>/failed`. A reward that
+bounds its own checks in time (`rewards.math.accuracy_reward`) counts the checks it cut off;
+`pop_timeouts()` passes that count on, for `rewards/<name>/timeouts`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ class GuardedReward:
     def pop_failures(self) -> int:
         failed, self.failed = self.failed, 0
         return failed
+
+    def pop_timeouts(self) -> int | None:
+        """Checks the wrapped reward cut off at its own time limit since the last call (each scored 0),
+        or None when it keeps no such count (it has no `pop_timeouts`)."""
+        pop = getattr(self.func, "pop_timeouts", None)
+        return pop() if callable(pop) else None
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs):
         n = len(completions)

@@ -60,3 +60,20 @@ def test_training_survives_a_reward_that_raises_and_logs_the_failures(small_mode
     assert trainer._metrics["train"]["rewards/flaky/failed"] == [1.0]  # only the sample that failed alone
     assert calls[0] == 8 and calls[1:] == [1] * 8
     assert inputs["advantages"].abs().sum() > 0  # one zero among ones: a real signal, the run goes on
+
+
+def test_the_time_outs_of_a_wrapped_reward_are_passed_on_exactly_and_apart_from_failures():
+    from rewards.math import accuracy_reward
+
+    guard = GuardedReward(accuracy_reward, timeout_s=120)
+    completions = ["\\boxed{1}", "\\boxed{10^{10^{10}}}", "\\boxed{3}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}",
+                   "\\boxed{2^{2^{2^{2^{2^{2}}}}}}"]
+    solution = ["1", "1", "3", "1", "6", "1"]
+    # each power tower is cut off at its 2 s limit; a plain check takes milliseconds
+    scores = guard(prompts=["p"] * 6, completions=completions, solution=solution, timeout=2.0, num_workers=2)
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert guard.pop_timeouts() == 3 and guard.pop_timeouts() == 0
+    assert guard.pop_failures() == 0  # cut off at its limit is not a failure of the reward
+    assert guard(prompts=["p"], completions=["\\boxed{7}"], solution=["7"], timeout=2.0, num_workers=2) == [1.0]
+    assert guard.pop_timeouts() == 0
+    assert GuardedReward(picky).pop_timeouts() is None  # a reward that keeps no such count
