@@ -1,5 +1,5 @@
 """Soak test of the rewards: many fuzzed completions through the math verifier's worker pool and
-the translation reward, in trainer-sized batches.
+the translation reward, in trainer-sized batches; then an adversarial batch of power towers.
 
     python -m benchmarks.reward_soak [--n 10000] [--batch 128] [--workers 2] [--out outputs/benchmarks/reward_soak]
 
@@ -10,6 +10,12 @@ Translation items mix well-formed `<think>…</think><answer>…</answer>` compl
 nested, empty and non-text ones. Checks, batch by batch: nothing raises, one score per item in
 the order given, every labelled item gets its label, and no batch takes longer than
 `batch × timeout` (the verifier's own bound). Prints items/s and writes JSON and Markdown.
+
+The adversarial batch (`--adversarial_batch` items, every `--hang_every`-th a power tower, the rest
+labelled answers) runs on warm workers, once as it is and once without its power towers. Each
+item is timed: a power tower's wall time, next to the limit, is what a time-out costs; a check
+that waited for a worker to start would show as the slowest other item. With them: the workers
+restarted, the cold starts, and the load average (`/proc/loadavg`) before and after.
 """
 
 from __future__ import annotations
@@ -18,14 +24,18 @@ import argparse
 import random
 import string
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.report import command_line, write_report
 from benchmarks.rewards import build_items
+from rewards.completions import completion_text
 from rewards.math import accuracy_reward, get_verifier
 from rewards.translation import translation_reward
+from rewards.verifier import MathVerifier
 
-HANGS = ["\\boxed{10^{10^{10}}}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{(10**(10**10))}", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}"]
+# each keeps sympy busy for minutes without a time limit
+HANGS = ["\\boxed{10^{10^{10}}}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{10^{10^{10^{10}}}}", "\\boxed{2^{2^{2^{2^{2^{2}}}}}}"]
 
 
 def fuzz_text(rng: random.Random, max_len: int = 400) -> str:
@@ -103,6 +113,55 @@ def soak(name: str, items: list, score_batch, batch: int, bound_s: float, cut_of
             "mean_score": round(sum(scores) / len(scores), 4)}
 
 
+def load_average() -> str | None:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
+def adversarial_batch(batch: int, hang_every: int, workers: int, timeout: float, seed: int) -> dict:
+    """One batch of labelled answers with a power tower every `hang_every` items, on warm workers:
+    the wall time of each item, so what a time-out costs next to its limit."""
+    labelled = build_items(batch, seed)
+    items = [(HANGS[i // hang_every % len(HANGS)], "7", 0.0) if i % hang_every == 0 else labelled[i]
+             for i in range(batch)]
+    towers = [i % hang_every == 0 for i in range(batch)]
+    verifier = MathVerifier(num_workers=workers, timeout=timeout)
+
+    def timed(item):
+        start = time.perf_counter()
+        score = verifier.score(completion_text(item[0]), item[1])
+        return score, time.perf_counter() - start
+
+    def run(chunk):  # as score_many: one thread per worker
+        start = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            out = list(pool.map(timed, chunk))
+        return [s for s, _ in out], [t for _, t in out], time.perf_counter() - start
+
+    try:
+        verifier.start()
+        load_before = load_average()
+        _, _, without_s = run([item for item, tower in zip(items, towers, strict=True) if not tower])
+        before = (verifier.timeouts, verifier.restarts, verifier.cold_starts)
+        scores, seconds, batch_s = run(items)
+        timeouts, restarts, cold = (a - b for a, b in zip((verifier.timeouts, verifier.restarts, verifier.cold_starts),
+                                                         before, strict=True))
+    finally:
+        verifier.close()
+    tower_s = [t for t, tower in zip(seconds, towers, strict=True) if tower]
+    other_s = [t for t, tower in zip(seconds, towers, strict=True) if not tower]
+    wrong = sum(s != e for s, (_, _, e) in zip(scores, items, strict=True))
+    return {"items": batch, "power_towers": len(tower_s), "workers": workers, "limit_s": timeout,
+            "batch_s": round(batch_s, 2), "without_power_towers_s": round(without_s, 2),
+            "power_tower_item_s_mean": round(sum(tower_s) / len(tower_s), 3), "power_tower_item_s_max": round(max(tower_s), 3),
+            "power_tower_over_limit": round(sum(tower_s) / len(tower_s) / timeout, 3),
+            "other_item_s_max": round(max(other_s), 3), "timeouts": timeouts, "restarts": restarts,
+            "cold_starts": cold, "labelled_disagreeing": wrong, "loadavg_before": load_before,
+            "loadavg_after": load_average()}
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="items per reward")
@@ -110,10 +169,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--workers", type=int, default=2, help="math verifier worker processes")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds per math check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adversarial_batch", type=int, default=128, help="items in the adversarial batch (0: skip it)")
+    p.add_argument("--hang_every", type=int, default=8, help="a power tower every this many items of it")
     p.add_argument("--out", default="outputs/benchmarks/reward_soak")
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch < 1 or args.workers < 1 or not args.timeout > 0:
-        p.error("--n, --batch and --workers must be >= 1 and --timeout > 0")
+    if args.n < 1 or args.batch < 1 or args.workers < 1 or not args.timeout > 0 or args.hang_every < 2:
+        p.error("--n, --batch and --workers must be >= 1, --hang_every >= 2 and --timeout > 0")
+    load_start = load_average()
     get_verifier(args.workers, args.timeout).score("1", "1")  # start the workers before timing
 
     def math_batch(chunk):
@@ -132,9 +194,24 @@ def main(argv=None) -> list[dict]:
               "\n|---|---|---|---|---|---|---|---|")
     lines = [header] + [f"| {r['reward']} | {r['items']} | {r['labelled']} | {r['seconds']} | {r['items_per_s']} | "
                         f"{r['slowest_batch_s']} | {r['cut_off']} | {r['mean_score']} |" for r in rows]
+    adversarial = None
+    if args.adversarial_batch > 0:
+        a = adversarial = adversarial_batch(args.adversarial_batch, args.hang_every, args.workers, args.timeout,
+                                            args.seed)
+        lines += ["", "| adversarial batch | items | power towers | workers | limit s | batch s | without them s |"
+                      " power tower item s (mean / max) | mean / limit | slowest other item s | time-outs | restarts |"
+                      " cold starts | labelled disagreeing | load average |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| math accuracy | {a['items']} | {a['power_towers']} | {a['workers']} | {a['limit_s']} | "
+                  f"{a['batch_s']} | {a['without_power_towers_s']} | {a['power_tower_item_s_mean']} / "
+                  f"{a['power_tower_item_s_max']} | {a['power_tower_over_limit']} | {a['other_item_s_max']} | "
+                  f"{a['timeouts']} | {a['restarts']} | {a['cold_starts']} | {a['labelled_disagreeing']} | "
+                  f"{a['loadavg_before']} → {a['loadavg_after']} |"]
+    lines += ["", f"load average (1, 5, 15 min): {load_start} at the start, {load_average()} at the end"]
     print("\n".join(lines))
     write_report(Path(args.out), "reward_soak", {"command": command_line("benchmarks.reward_soak", argv),
-                                           "config": vars(args), "results": rows}, "\n".join(lines))
+                                           "config": vars(args), "results": rows, "adversarial": adversarial,
+                                           "loadavg": [load_start, load_average()]}, "\n".join(lines))
     return rows
 
 

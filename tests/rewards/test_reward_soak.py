@@ -28,3 +28,13 @@ def test_the_soak_check_catches_a_lost_or_reordered_result():
         reward_soak.soak("translation", items, reordered, batch=64, bound_s=1.0)
     with pytest.raises(AssertionError, match="scores for"):
         reward_soak.soak("translation", items, lambda chunk: [0.0] * (len(chunk) - 1), batch=64, bound_s=1.0)
+
+
+def test_the_adversarial_batch_counts_its_power_towers_as_time_outs_without_restarts():
+    row = reward_soak.adversarial_batch(batch=12, hang_every=4, workers=2, timeout=2.0, seed=0)
+    assert row["power_towers"] == 3 and row["items"] == 12
+    # each power tower is cut off by its own worker, which stays: none is killed and restarted
+    assert row["timeouts"] >= 3 and row["restarts"] == 0 and row["cold_starts"] == 0
+    assert row["power_tower_item_s_mean"] >= 2.0  # each ran to its limit
+    # a normal answer can only disagree with its label by being cut off too
+    assert row["labelled_disagreeing"] <= row["timeouts"] - 3
