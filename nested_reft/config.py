@@ -24,6 +24,28 @@ BEHAVIOR_LOGPROBS = ("sampler", "rescore")
 NONFINITE_LOGPROBS = ("error", "skip_round")
 
 
+def _numeric_fields(cls) -> dict[str, tuple[type, ...]]:
+    """Dataclass fields annotated int or float (optionally None), with the types a value may have."""
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: check the fields whose type is a class
+        hints = {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name, f.type)
+        if isinstance(hint, str):
+            continue
+        args = set(typing.get_args(hint)) - {type(None)} or {hint}
+        if args == {int}:
+            out[f.name] = (int,)
+        elif args <= {int, float} and float in args:
+            out[f.name] = (int, float)
+    return out
+
+
 @dataclass
 class NestedReFTConfig(GRPOConfig):
     """GRPO whose rollouts come from a layer-skipped copy of the policy (SPEC §1).
@@ -72,6 +94,7 @@ class NestedReFTConfig(GRPOConfig):
     vllm_server_weights_dir: str | None = field(default=None, metadata={"help": "engine=vllm_server, weight transfer 'file': a folder the trainer writes and the server reads (default /dev/shm: a server on this machine)."})
     behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
     nonfinite_logprobs: str = field(default="error", metadata={"help": f"What a round with a NaN/inf behavior log-prob (μ), or whose correction weights are all 0, does: one of {NONFINITE_LOGPROBS}. 'error' (default) stops the run naming the engine and the step (a broken behavior model would otherwise train on nothing, silently); 'skip_round' skips the round's optimizer steps and counts them (nonfinite_rounds_skipped). Non-finite tokens are logged every round (correction/nonfinite_mu_tokens, correction/nonfinite_old_tokens).", "choices": list(NONFINITE_LOGPROBS)})
+    max_idle_steps: int = field(default=20, metadata={"help": "Stop with one error when this many optimizer steps in a row could not change the weights (skipped for a non-finite loss or a dropped round, or every gradient zero: all advantages 0, e.g. NaN rewards), instead of running on unchanged weights; 0 turns the check off."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
     reward_timeout: float = field(default=120.0, metadata={"help": "Seconds a reward function may take on a round's batch (and then on each sample of a failed batch); a sample whose reward raises or overruns scores 0 and is counted in rewards/<name>/failed instead of stopping the run."})
     rollout_compact_every: int = field(default=32, metadata={"help": "engine='hf': generate in phases of this many tokens and drop the rows that finished before the next phase (continuing the others from their KV cache), so one long completion does not hold the whole batch; 0: one generate() call per batch (rows decode until the longest ends)."})
@@ -82,7 +105,37 @@ class NestedReFTConfig(GRPOConfig):
         self.validate_nested_reft()
         super().__post_init__()
 
+    def validate_numbers(self) -> None:
+        """Every numeric field holds a number (a YAML list or string fails here, not after the model
+        loads), and the GRPO settings that would train wrongly or divide by zero are refused."""
+        hints = _numeric_fields(type(self))
+        for name, kinds in hints.items():
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"{name} must be {'an integer' if kinds == (int,) else 'a number'}, got {value!r} "
+                                 f"({type(value).__name__})")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta (the KL coefficient) must be a finite number >= 0, got {self.beta!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}")
+        for name in ("epsilon", "epsilon_high"):
+            value = getattr(self, name, None)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} (the PPO clip range) must be > 0, got {value!r}: at or below 0 every token is clipped")
+        for name in ("num_iterations", "gradient_accumulation_steps", "per_device_train_batch_size", "rollout_batch_size",
+                     "max_completion_length", "num_generations"):
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if self.steps_per_generation is not None and self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation!r}")
+        if self.max_idle_steps < 0:
+            raise ValueError(f"max_idle_steps must be >= 0 (0: off), got {self.max_idle_steps!r}")
+
     def validate_nested_reft(self) -> None:
+        self.validate_numbers()
         if self.correction not in METHODS:
             raise ValueError(f"correction must be one of {METHODS}, got {self.correction!r}")
         if self.skip_mode not in MODES:

@@ -61,6 +61,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         loss = super().step(closure)
         for p, master in zip(self.model_params, self.masters):
             p.copy_(master)  # rounded to the parameter's dtype
+            master.grad = None  # the trainer zeroes the model's gradients, not these
         return loss
 
     def zero_grad(self, set_to_none: bool = True):

@@ -18,9 +18,9 @@ class JsonlMetricsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            row = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+            row = {"step": state.global_step, **{k: _json_number(v) for k, v in logs.items() if _is_real(v)}}
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 class HeldOutEvalCallback(TrainerCallback):
@@ -44,15 +44,31 @@ class HeldOutEvalCallback(TrainerCallback):
             self._pending = None
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+    return _is_real(v) and not (isinstance(v, float) and math.isnan(v))
+
+
+# JSON has no NaN or infinity: a non-finite metric is written as one of these strings (it must leave a
+# trace: an all-NaN reward is a broken run), and read back as the float.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _json_number(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    return v
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
 
 
 PANELS = (

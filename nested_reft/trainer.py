@@ -49,7 +49,7 @@ from .engines import RolloutEngine, RolloutEngineUnavailable, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
 from .engines.weights import changed_weights
-from .master_weights import MasterWeightsMixin
+from .master_weights import MasterWeightAdamW, MasterWeightsMixin
 from .reward_guard import GuardedReward
 from .round_buffer import LEGACY_PICKLE_FILE, has_round_buffer, load_round_buffer, save_round_buffer
 from .skipping import LayerSkipPolicy, num_decoder_layers, skip_layers, skippable_layers
@@ -157,6 +157,7 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         self.nonfinite_steps_skipped = 0
         self.nonfinite_rounds_skipped = 0
         self._round_steps_to_skip = 0  # optimizer steps of a round dropped for non-finite μ
+        self._idle_steps = {"nonfinite": 0, "zero_gradient": 0, "skipped_round": 0}  # consecutive, by cause
         # π_old and a re-scored μ are computed with dropout off, as the sampler runs
         self._dropout_active = has_active_dropout(policy)
 
@@ -323,12 +324,27 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         return (not self._round_skip and self.engine.shares_policy_weights and self.args.behavior == "skip"
                 and self._sampling(0).only_temperature)
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (gathered over ranks), with ±inf made NaN ("no score", as TRL reads a None:
+        one inf reward would otherwise make its whole group's advantages NaN, then 0), and every
+        non-finite score counted per function (`rewards/<name>/nonfinite`): a reward that returns
+        NaN everywhere leaves a trace instead of a silent run without signal."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        bad = ~torch.isfinite(rewards)
+        mode = "train" if self.model.training else "eval"
+        for i, name in enumerate(self.reward_func_names):
+            self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(bad[:, i].sum()))
+        return torch.where(torch.isinf(rewards), torch.full_like(rewards, float("nan")), rewards)
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         for func, name in zip(self.reward_funcs, self.reward_func_names):
             if isinstance(func, GuardedReward):
                 self._metrics[mode][f"rewards/{name}/failed"].append(float(func.pop_failures()))
+                timeouts = func.pop_timeouts()  # checks cut off at their time limit: scored 0, not wrong answers
+                if timeouts is not None:
+                    self._metrics[mode][f"rewards/{name}/timeouts"].append(float(timeouts))
         if not self.model.training:
             return output
         start = time.perf_counter()
@@ -435,23 +451,50 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         return optimizer
 
     def _skip_nonfinite_step(self, optimizer) -> bool:
-        if self._round_steps_to_skip:  # a round dropped for non-finite μ (same count on every rank)
-            self._round_steps_to_skip -= 1
-            self._nonfinite_pending = False
-            return True
+        """Whether to skip this optimizer step (its round was dropped, or its loss or gradients are
+        not finite); also counts steps that cannot change the weights (skipped, or every gradient
+        zero) and stops the run after `max_idle_steps` of them in a row."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = self._nonfinite_pending or (bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all())
+        if isinstance(optimizer, MasterWeightAdamW):  # the masters get their gradients inside step()
+            grads = [p.grad for p in optimizer.model_params if p.grad is not None] + grads
+        peak = torch.stack([g.detach().abs().amax().float() for g in grads]).max() if grads else None
+        flags = torch.tensor([float(bool(self._round_steps_to_skip)),
+                              float(self._nonfinite_pending or (peak is not None and not bool(torch.isfinite(peak)))),
+                              float(peak is None or float(peak) == 0.0)], device=self.accelerator.device)
         self._nonfinite_pending = False
-        flag = torch.tensor(float(bad), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:  # every rank skips, or none: the weights stay identical
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if flag.item() == 0:
-            return False
-        self.nonfinite_steps_skipped += 1
-        self._metrics["train"]["nonfinite_steps_skipped"].append(float(self.nonfinite_steps_skipped))
-        logger.warning("step %d: non-finite loss or gradients; the optimizer step is skipped (%d so far)",
-                       self.state.global_step + 1, self.nonfinite_steps_skipped)
-        return True
+        if self.accelerator.num_processes > 1:  # every rank decides alike: the weights stay identical
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        dropped, nonfinite, zero = (bool(f) for f in flags.tolist())
+        if dropped:
+            self._round_steps_to_skip -= 1
+            self._count_idle("skipped_round")
+            return True
+        if nonfinite:
+            self.nonfinite_steps_skipped += 1
+            self._metrics["train"]["nonfinite_steps_skipped"].append(float(self.nonfinite_steps_skipped))
+            logger.warning("step %d: non-finite loss or gradients; the optimizer step is skipped (%d so far)",
+                           self.state.global_step + 1, self.nonfinite_steps_skipped)
+            self._count_idle("nonfinite")
+            return True
+        if zero and int(flags[2]) == self.accelerator.num_processes:
+            self._count_idle("zero_gradient")
+        else:
+            self._idle_steps = dict.fromkeys(self._idle_steps, 0)
+        return False
+
+    def _count_idle(self, cause: str) -> None:
+        self._idle_steps[cause] += 1
+        total = sum(self._idle_steps.values())
+        limit = self.args.max_idle_steps
+        if not limit or total < limit:
+            return
+        causes = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in self._idle_steps.items() if n)
+        raise RuntimeError(
+            f"no optimizer step has changed the weights for {total} steps in a row (up to step "
+            f"{self.state.global_step + 1}: {causes}). Non-finite steps come from NaN/inf losses; zero gradients "
+            "from advantages that are all 0 (every group's rewards equal, or NaN: see rewards/<name>/nonfinite "
+            f"in the metrics). Stopping instead of running on unchanged weights (max_idle_steps={limit}; 0 turns "
+            "the check off).")
 
     # ------------------------------------------------------------------ checkpoints
 

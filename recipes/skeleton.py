@@ -54,10 +54,30 @@ def parse(dataclass_types, argv=None) -> tuple:
     parsed = TrlParser(tuple(dataclass_types)).parse_args_and_config(args=argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     model_args = next((p for p in parsed if isinstance(p, ModelConfig)), None)
+    check_unsupported_arguments(model_args, [p for p in parsed if isinstance(p, TrainingArguments)])
     for p in parsed:
         if isinstance(p, TrainingArguments) and model_args is not None:
             setattr(p, MODEL_ARGS, model_args)
     return parsed
+
+
+def check_unsupported_arguments(model_args, training_args: list) -> None:
+    """Flags TRL's parsers accept that these recipes would otherwise ignore: one error each, before
+    any model loads (a QLoRA user must not get a full bf16 load without being told)."""
+    if model_args is not None:
+        for name in ("load_in_4bit", "load_in_8bit"):
+            if getattr(model_args, name, False):
+                raise ValueError(f"--{name} (bitsandbytes quantized loading, QLoRA) is not supported by these recipes: "
+                                 "the behavior engines sample from the policy's own weights or a vLLM copy of them. "
+                                 "Use --use_peft true on the bf16 model (docs/r1t1.md sizes a 7B LoRA run) or DeepSpeed")
+    for args in training_args:
+        if getattr(model_args, "trust_remote_code", False) or getattr(args, "trust_remote_code", False):
+            raise ValueError("--trust_remote_code is not supported by these recipes: the layer-skip engines and the "
+                             "families need an architecture transformers (or archs/) implements; remote code is never run")
+        if getattr(args, "resume_from_checkpoint", None):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not used: a recipe resumes "
+                             "from the last complete checkpoint in --output_dir by itself (the same command again); "
+                             "point --output_dir at that run's folder")
 
 
 @dataclass

@@ -162,3 +162,65 @@ def test_round_buffer_round_trips_without_pickle_and_a_pickled_one_is_refused(sm
     with pytest.raises(ValueError, match="nested_reft_round.pt is a pickled round buffer, which is not loaded"):
         trainer._load_optimizer_and_scheduler(str(checkpoint))
     assert not (tmp_path / "pwned").exists()
+
+
+def nan_reward(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def test_all_nan_rewards_are_counted_and_stop_the_run_instead_of_training_on_nothing(small_model_dir, chat_tokenizer, tmp_path):
+    """A reward that is NaN everywhere gives every advantage 0, so no step can change the weights:
+    it is logged (rewards/<name>/nonfinite) and the run stops after max_idle_steps such steps."""
+    args = NestedReFTConfig(output_dir=str(tmp_path), full_model_probe_every=0, skip_ratio=0.0, max_steps=10,
+                            max_idle_steps=3, logging_steps=1, **{k: v for k, v in FP32.items() if k != "logging_steps"})
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=nan_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    with pytest.raises(RuntimeError, match=r"no optimizer step has changed the weights for 3 steps in a row "
+                                           r"\(up to step 3: 3 zero gradient\)"):
+        trainer.train()
+    assert trainer._metrics["train"]["rewards/nan_reward/nonfinite"][0] == 8.0
+
+
+def test_an_infinite_reward_scores_nothing_instead_of_zeroing_its_group(small_model_dir, chat_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr("trl.trainer.grpo_trainer.shuffle_sequence_dict", lambda batch: batch)
+    calls = []
+
+    def one_inf(completions, **kwargs):
+        calls.append(1)
+        return [float("inf")] + [float(i % 3) for i in range(1, len(completions))]
+
+    args = NestedReFTConfig(output_dir=str(tmp_path), full_model_probe_every=0, skip_ratio=0.0, **FP32)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=one_inf, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    _, inputs = first_inputs(trainer)
+    adv = inputs["advantages"]
+    assert torch.isfinite(adv).all()
+    assert adv[:4].abs().sum() > 0  # the group holding the inf still trains (its other members differ)
+    assert trainer._metrics["train"]["rewards/one_inf/nonfinite"][-1] == 1.0
+
+
+def test_a_nan_loss_on_every_step_stops_the_run(small_model_dir, chat_tokenizer, tmp_path):
+    args = NestedReFTConfig(output_dir=str(tmp_path), full_model_probe_every=0, skip_ratio=0.0, max_steps=10,
+                            max_idle_steps=2, **FP32)
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
+                                train_dataset=dataset(), args=args)
+    compute = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: compute(*a, **k) * float("nan")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"for 2 steps in a row \(up to step 2: 2 nonfinite\)"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_non_finite_metrics_are_written_and_read_back(tmp_path):
+    from types import SimpleNamespace
+
+    from nested_reft.reporting import JsonlMetricsCallback, read_jsonl
+
+    cb = JsonlMetricsCallback(tmp_path / "metrics.jsonl")
+    state = SimpleNamespace(global_step=3, is_world_process_zero=True)
+    cb.on_log(None, state, None, logs={"reward": float("nan"), "kl": float("inf"), "loss": 0.5, "flag": True})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert '"reward": "NaN"' in line and '"kl": "Infinity"' in line  # valid JSON, and a trace of the NaN
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert row["step"] == 3 and row["loss"] == 0.5 and row["kl"] == float("inf") and row["reward"] != row["reward"]

@@ -47,6 +47,9 @@ def files(tmp_path, small_model_dir):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "xx.tsv").write_text("hallo\thello\txx\ten\n")
     (tmp_path / "pairs.tsv").write_text("hallo welt\thello world\n")
+    (tmp_path / "lr_list.yaml").write_text("learning_rate: [1.0e-6]\n")
+    (tmp_path / "beta_list.yaml").write_text("beta: [0.1]\n")
+    (tmp_path / "lr_word.yaml").write_text("learning_rate: fast\n")
     return {"model": small_model_dir, "short": str(short), "plain": str(plain), "dir": tmp_path}
 
 
@@ -102,6 +105,22 @@ MATH = [  # (rule, extra argv, exception, message pattern)
     ("prompt longer than context", ["--model_name_or_path", "{short}"], ValueError, r"> the model's context of 24"),
     ("tokenizer without chat template", ["--model_name_or_path", "{plain}"], ValueError, r"has no chat template"),
     ("FSDP with the in-process engine", ["--fsdp", "full_shard"], ValueError, r"FSDP keeps only shards .* engine='hf'"),
+    ("negative beta", ["--beta", "-0.5"], ValueError, r"beta \(the KL coefficient\) must be a finite number >= 0, got -0.5"),
+    ("NaN beta", ["--beta", "nan"], ValueError, r"beta .* got nan"),
+    ("negative epsilon", ["--epsilon", "-0.2"], ValueError, r"epsilon \(the PPO clip range\) must be > 0, got -0.2"),
+    ("no iterations", ["--num_iterations", "0"], ValueError, r"num_iterations must be >= 1, got 0"),
+    ("no accumulation steps", ["--gradient_accumulation_steps", "0"], ValueError, r"gradient_accumulation_steps must be >= 1, got 0"),
+    ("rollout batch 0", ["--rollout_batch_size", "0"], ValueError, r"rollout_batch_size must be >= 1, got 0"),
+    ("completion length 0", ["--max_completion_length", "0"], ValueError, r"max_completion_length must be >= 1, got 0"),
+    ("learning rate list in YAML", ["--config", "{dir}/lr_list.yaml"], ValueError, r"learning_rate must be a number, got \[1e-06\] \(list\)"),
+    ("beta list in YAML", ["--config", "{dir}/beta_list.yaml"], ValueError, r"beta must be a number, got \[0.1\] \(list\)"),
+    ("word for a number in YAML", ["--config", "{dir}/lr_word.yaml"], SystemExit, r"learning_rate.*invalid float value: 'fast'"),
+    ("idle-step limit negative", ["--max_idle_steps", "-1"], ValueError, r"max_idle_steps must be >= 0 \(0: off\), got -1"),
+    ("4-bit loading", ["--load_in_4bit", "true"], ValueError, r"--load_in_4bit .* is not supported"),
+    ("8-bit loading", ["--load_in_8bit", "true"], ValueError, r"--load_in_8bit .* is not supported"),
+    ("remote code", ["--trust_remote_code", "true"], ValueError, r"--trust_remote_code is not supported"),
+    ("resume flag", ["--resume_from_checkpoint", "/some/checkpoint-5"], ValueError, r"--resume_from_checkpoint '/some/checkpoint-5' is not used"),
+    ("non-finite behavior option", ["--nonfinite_logprobs", "ignore"], SystemExit, r"invalid choice: 'ignore'"),
 ]
 
 TRANSLATION = [
@@ -114,7 +133,8 @@ TRANSLATION = [
     ("unknown template", ["--template", "freestyle"], ValueError, r"unknown template 'freestyle'"),
     ("unknown KL mode", ["--kl_mode", "both"], SystemExit, r"invalid choice: 'both'"),
     ("COMET without a checkpoint", ["--reward_metric", "comet"], ValueError, r"needs comet_model"),
-    ("negative beta", ["--beta", "-1"], ValueError, r"beta must be >= 0, got -1.0"),
+    ("negative beta", ["--beta", "-1"], ValueError, r"beta .*must be (a finite number )?>= 0, got -1.0"),
+    ("NaN beta", ["--beta", "nan"], ValueError, r"beta .* got nan"),
     ("format column weighted", ["--reward_weights", "1", "1"], ValueError, r"reward_weights=\[1.0, 1.0\]"),
     ("missing model path", ["--model_name_or_path", "./outputs/no_such_sft/final"], FileNotFoundError, r"does not exist .*translate_sft"),
 ]
