@@ -132,3 +132,79 @@ def test_truncated_sampling_is_corrected_even_with_nothing_skipped(small_model_d
     mask = out["completion_mask"].bool()
     assert (w[mask] < 0.99).float().mean() > 0.5  # truncation really removes probability
     torch.testing.assert_close(out["advantages"], captured["trl_advantages"].unsqueeze(1) * w, atol=1e-5, rtol=1e-4)
+
+
+def add(a: int, b: int) -> int:
+    """Adds two integers.
+
+    Args:
+        a: the first integer
+        b: the second integer
+    """
+    return a + b
+
+
+def last_message_length(completions, **kwargs):
+    """Varied within a group: the length of the turn after the tool's result."""
+    return [float(len(c[-1]["content"]) % 5) for c in completions]
+
+
+TOOL_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>'
+
+
+@pytest.mark.slow
+def test_tool_result_tokens_are_left_out_of_the_correction(small_model_dir, chat_tokenizer, tmp_path, monkeypatch):
+    """TRL's own tool loop (a real tool, `tools=[add]`): the first turn calls the tool, TRL appends
+    its result (tool_mask 0: not sampled, no μ) and samples a second turn from our engine. With a
+    sequence-level correction, w must come from the model's own tokens only. Catches the tool_mask
+    factor dropped from the correction's mask."""
+    import copy
+
+    from test_trainer import dataset
+    from test_trainer_correction import FP32
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    from archs.skipping import skip_layers
+    from nested_reft.config import NestedReFTConfig
+    from nested_reft.engines import HFEngine
+    from nested_reft.engines.base import Rollouts
+    from nested_reft.engines.hf import completion_logprobs
+    from nested_reft.trainer import NestedReFTTrainer
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = qwen2_5_chat_template  # a template TRL knows how to parse tool calls from
+    call_ids = tokenizer(TOOL_CALL, add_special_tokens=False)["input_ids"]
+    skip = (1, 4)
+
+    class ToolCallingEngine(HFEngine):
+        """Turn 0 calls the tool (scripted tokens, μ = the skipped model's log-probs of them); later
+        turns sample for real."""
+
+        def generate(self, prompt_token_ids, sampling, *, ignore_eos=False):
+            if sampling.seed != trainer._sampling(0).seed:
+                return super().generate(prompt_token_ids, sampling, ignore_eos=ignore_eos)
+            completions = [list(call_ids) for _ in prompt_token_ids]
+            with skip_layers(self.model, self.skip):
+                mu = completion_logprobs(self.model, prompt_token_ids, completions, sampling.temperature, self.pad_id)
+            return Rollouts(completions, mu, tuple(self.skip))
+
+    args = NestedReFTConfig(output_dir=str(tmp_path), full_model_probe_every=0, skip_mode="fixed", skip_layers=list(skip),
+                            correction="seq_tis", clip=1e6, max_tool_calling_iterations=1,
+                            **{**FP32, "max_completion_length": 110})
+    trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=last_message_length, processing_class=tokenizer,
+                                train_dataset=dataset(), args=args, tools=[add])
+    trainer.engine = ToolCallingEngine(trainer.model, tokenizer, eos_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    captured = capture_generation_batches(trainer, monkeypatch)
+    first_inputs(trainer)
+    out = captured["ours"]
+    tool_mask = out["tool_mask"]
+    mask = out["completion_mask"]
+    assert ((tool_mask == 0) & (mask == 1)).any()  # the tool's result is in the completions
+    assert out["completion_ids"][0, : len(call_ids)].tolist() == call_ids
+    full = AutoModelForCausalLM.from_pretrained(small_model_dir).eval()
+    old = row_logps(full, out, 1.0)
+    mu = row_logps(rebuilt_without(full, skip), out, 1.0)
+    expected = correction_weights(old, mu, mask * tool_mask, "seq_tis", clip=1e6)
+    adv = captured["trl_advantages"].unsqueeze(1)
+    assert adv.abs().sum() > 0
+    torch.testing.assert_close(out["advantages"] * tool_mask, adv * expected * tool_mask, atol=1e-5, rtol=1e-4)
