@@ -35,7 +35,14 @@ def check_skip_policy(num_layers: int, args) -> None:
         LayerSkipPolicy(num_layers, skip_ratio=args.skip_ratio, keep_first=args.keep_first, keep_last=args.keep_last,
                         mode=args.skip_mode, layers=args.skip_layers, k_range=k_range)
     except ValueError as e:
-        raise ValueError(f"skip settings do not fit this {num_layers}-layer model: {e}") from None
+        if args.skip_mode == "fixed":
+            settings = f"skip_layers={args.skip_layers}"
+        elif k_range is not None:
+            settings = f"skip_k_min={args.skip_k_min}, skip_k_max={args.skip_k_max}"
+        else:
+            settings = f"skip_ratio={args.skip_ratio}"
+        settings += f" (keep_first={args.keep_first}, keep_last={args.keep_last})"
+        raise ValueError(f"{settings} does not fit this {num_layers}-layer model: {e}") from None
 
 
 def check_prompt_lengths(tokenizer, prompts: list, context: int | None, max_completion_length: int | None) -> None:

@@ -54,9 +54,9 @@ def files(tmp_path, small_model_dir):
 
 
 MATH = [  # (rule, extra argv, exception, message pattern)
-    ("skip all layers", ["--skip_mode", "fixed", "--skip_layers", "0", "1", "2", "3", "4", "5"], ValueError, r"cannot skip all 6"),
-    ("more layers than eligible", ["--skip_ratio", "0.9"], ValueError, r"cannot skip 5 layers: only 2 of 6"),
-    ("skip layer out of range", ["--skip_mode", "fixed", "--skip_layers", "9"], ValueError, r"\[9\] are out of range"),
+    ("skip all layers", ["--skip_mode", "fixed", "--skip_layers", "0", "1", "2", "3", "4", "5"], ValueError, r"skip_layers=\[0, 1, 2, 3, 4, 5\] .*does not fit this 6-layer model: .*cannot skip all 6"),
+    ("more layers than eligible", ["--skip_ratio", "0.9"], ValueError, r"skip_ratio=0.9 \(keep_first=2, keep_last=2\) does not fit .*cannot skip 5 layers: only 2 of 6"),
+    ("skip layer out of range", ["--skip_mode", "fixed", "--skip_layers", "9"], ValueError, r"skip_layers=\[9\] .*\[9\] are out of range"),
     ("skip ratio >= 1", ["--skip_ratio", "1.0"], ValueError, r"skip_ratio must be in \[0, 1\), got 1.0"),
     ("negative skip ratio", ["--skip_ratio", "-0.1"], ValueError, r"skip_ratio must be in \[0, 1\), got -0.1"),
     ("fixed mode without layers", ["--skip_mode", "fixed"], ValueError, r"skip_mode='fixed' needs skip_layers"),
