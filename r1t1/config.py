@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers.trainer_utils import SchedulerType
+
 from nested_reft.config import NestedReFTConfig
 from rewards.translation import FORMAT_GATES, METRICS
 
@@ -20,7 +22,8 @@ class R1T1Config(NestedReFTConfig):
     the loss (the authors' released code); kl_mode='reward' subtracts β · Σ_t (log π_θ − log π_ref)
     per sequence from the reward before group advantages (the paper's KL-constrained reward).
     Defaults are the authors' released settings (SPEC §2): β 0.001 with k3 in the loss,
-    temperature 0.8, 8 rollouts per prompt, lr 4e-7 (7B-class), responses up to 8000 tokens,
+    temperature 0.8, 8 rollouts per prompt, lr 4e-7 (7B-class) held constant, AdamW weight decay
+    0.01, responses up to 8000 tokens,
     2 epochs, full-model rollouts, their format gate (docs/r1t1.md lists each setting: theirs,
     ours, and the option that switches). Set skip_ratio > 0 to sample rollouts from layer-skipped copies
     of the policy (Nested-ReFT, an option here).
@@ -30,6 +33,10 @@ class R1T1Config(NestedReFTConfig):
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the rollouts (the authors': 0.8)."})
     num_generations: int | None = field(default=8, metadata={"help": "Rollouts per prompt (the authors': 8)."})
     learning_rate: float = field(default=4e-7, metadata={"help": "The authors' learning rate for 7B-class models."})
+    # verl (the authors' trainer) keeps the lr constant with no warm-up and steps AdamW with weight
+    # decay 0.01; transformers' defaults (linear decay to 0, no decay) would halve the mean lr.
+    lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "The learning-rate schedule (the authors': constant, no warm-up; transformers' default 'linear' decays to 0)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the authors': 0.01, verl's default; biases and norms are exempt here)."})
     max_completion_length: int | None = field(default=8000, metadata={"help": "Longest response in tokens (the authors': 8000)."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the prompts (the authors': 2)."})
     skip_ratio: float = field(default=0.0, metadata={"help": "Layer-skipped rollouts are an option for R1-T1 (Nested-ReFT); 0 samples with the full model, as the authors do."})
