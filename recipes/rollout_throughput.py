@@ -76,17 +76,19 @@ def parse_args(argv=None):
 
 
 def materialise_model(args, workdir: Path) -> tuple[str, str]:
-    """(checkpoint folder, label). Random-init shapes are saved with the tiny tokenizer (only token
-    ids are used; the model's vocabulary stays the real one)."""
+    """(checkpoint folder, label). Random-init shapes are saved with the tiny model's tokenizer,
+    built alone in seconds (only token ids are used; the model's vocabulary stays the real one):
+    the tiny model itself trains for minutes on first use and is not needed for them."""
     if args.model_name_or_path:
         return args.model_name_or_path, args.model_name_or_path
-    from archs.tiny import build_tiny_math_model
-
-    tiny = str(build_tiny_math_model())
     if args.random_init_config is None:
-        return tiny, "embedded tiny math model"
+        from archs.tiny import build_tiny_math_model
+
+        return str(build_tiny_math_model()), "embedded tiny math model"
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from archs.tiny.build import TinyMathRecipe, build_tokenizer
 
     shape = dict(SHAPES[args.random_init_config])
     if args.num_layers:
@@ -96,7 +98,7 @@ def materialise_model(args, workdir: Path) -> tuple[str, str]:
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
     folder = workdir / "random_init"
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+    build_tokenizer(TinyMathRecipe(), seed=0).save_pretrained(folder)
     return str(folder), f"{args.random_init_config}-shaped, random init, {shape['num_hidden_layers']} layers"
 
 
