@@ -8,6 +8,9 @@
 - CoT JSONL (supervised cold start): `src`, `tgt`, `template`, `cot` (+ optional languages).
 - The authors' released CoT corpus: a JSON array of `instruction`, `input`, `source_lang`,
   `target_lang`, `target_text`, `thought_chains`, `output` (`load_authors_cot`).
+- The authors' harder test sets, as their evaluation script lays them out (`AUTHORS_HARD_SETS`:
+  flat `{stem}.{lang}` files in one folder; the files themselves are not released) and CommonMT's
+  public CSVs (`load_commonmt`: `chinese_source,english_target_correct,english_target_wrong`).
 
 Every error names the file, the line and the bad value. Loaders return plain lists of dicts with
 `src`, `tgt`, `src_lang`, `tgt_lang` (and `template`, `cot` for CoT corpora).
@@ -15,6 +18,7 @@ Every error names the file, the line and the bad value. Loaders return plain lis
 
 from __future__ import annotations
 
+import csv
 import json
 from itertools import permutations
 from pathlib import Path
@@ -124,10 +128,7 @@ def read_lines(path: str | Path) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def load_flores(root: str | Path, direction, split: str = "devtest", limit: int | None = None) -> list[dict]:
-    """Aligned sentence pairs of one direction from a Flores-101 or Flores-200 folder."""
-    src, tgt = parse_direction(direction)
-    src_path, tgt_path = flores_file(root, src, split), flores_file(root, tgt, split)
+def _aligned_rows(src_path: Path, tgt_path: Path, src: str, tgt: str) -> list[dict]:
     src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise ValueError(f"unequal line counts: {src_path} has {len(src_lines)} lines, {tgt_path} has {len(tgt_lines)}")
@@ -136,8 +137,14 @@ def load_flores(root: str | Path, direction, split: str = "devtest", limit: int 
     for path, lines in ((src_path, src_lines), (tgt_path, tgt_lines)):
         empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
         if empty:
-            raise ValueError(f"{path}: line {empty[0]} is empty (Flores files have one sentence per line)")
-    rows = [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt} for s, t in zip(src_lines, tgt_lines)]
+            raise ValueError(f"{path}: line {empty[0]} is empty (one sentence per line)")
+    return [{"src": s, "tgt": t, "src_lang": src, "tgt_lang": tgt} for s, t in zip(src_lines, tgt_lines)]
+
+
+def load_flores(root: str | Path, direction, split: str = "devtest", limit: int | None = None) -> list[dict]:
+    """Aligned sentence pairs of one direction from a Flores-101 or Flores-200 folder."""
+    src, tgt = parse_direction(direction)
+    rows = _aligned_rows(flores_file(root, src, split), flores_file(root, tgt, split), src, tgt)
     return rows[:limit] if limit is not None else rows
 
 
@@ -251,6 +258,85 @@ def load_authors_cot(path: str | Path, limit: int | None = None) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} has no examples")
     return rows
+
+
+# ------------------------------------------------------------------------------------ harder test sets
+
+# The authors' evaluation script (evaluation/evaluate.py, `hard_task`) translates these flat source
+# files of one folder: (test set, file stem, source, target); the source is `{stem}.{source}`. The
+# files are not in their repository, and the script names no reference: the pairs it names
+# (cul_en_es.en / cul_en_es.es, literature.en / literature.zh) say a reference is the same stem in
+# the target language, which `load_flat_pair` reads (commonmt_la.en, term.de, ...).
+AUTHORS_HARD_SETS = (
+    ("commonmt_la", "commonmt_la", "zh", "en"), ("commonmt_cl_sa", "commonmt_cl_sa", "zh", "en"),
+    ("commonmt_ct_sa", "commonmt_ct_sa", "zh", "en"), ("term", "term", "en", "de"),
+    *(("cul", f"cul_en_{x}", "en", x) for x in ("es", "fr", "zh")),
+    *(("cul", f"cul_en_{x}", x, "en") for x in ("es", "fr", "zh")),
+    ("literature", "literature", "en", "zh"), ("literature", "literature", "zh", "en"),
+)
+# CommonMT (tjunlp-lab/CommonMT, Findings of EMNLP 2020): zh->en, one CSV per ambiguity type.
+COMMONMT_FILES = {"commonmt_la": "lexical ambiguity.csv",
+                  "commonmt_cl_sa": "contextless syntactic ambiguity.csv",
+                  "commonmt_ct_sa": "contextual syntactic ambiguity.csv"}
+COMMONMT_COLUMNS = ("chinese_source", "english_target_correct", "english_target_wrong")
+
+
+def load_flat_pair(root: str | Path, stem: str, direction, limit: int | None = None) -> list[dict]:
+    """Aligned pairs from `{root}/{stem}.{src}` and its reference `{root}/{stem}.{tgt}` (language
+    tags as the authors write them: `kr` for Korean is found too)."""
+    src, tgt = parse_direction(direction)
+    root = Path(root)
+
+    def path_of(code: str, role: str) -> Path:
+        tags = dict.fromkeys((code, *language(code).aliases))
+        for tag in tags:
+            if (root / f"{stem}.{tag}").is_file():
+                return root / f"{stem}.{tag}"
+        raise FileNotFoundError(f"no {role} file {stem}.{code} in {str(root)!r}"
+                                + (" (the authors' script names only source files: put each reference beside its "
+                                   f"source as {stem}.{code}, one sentence per line)" if role == "reference" else ""))
+
+    rows = _aligned_rows(path_of(src, "source"), path_of(tgt, "reference"), src, tgt)
+    return rows[:limit] if limit is not None else rows
+
+
+def authors_hard_sets(root: str | Path) -> list[tuple[str, str, str, str]]:
+    """The entries of AUTHORS_HARD_SETS whose source file is in `root` (each needs its reference too)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"hard test set folder {str(root)!r} does not exist")
+    found = [e for e in AUTHORS_HARD_SETS if (root / f"{e[1]}.{e[2]}").is_file()]
+    if not found:
+        names = ", ".join(dict.fromkeys(f"{stem}.{src}" for _, stem, src, _ in AUTHORS_HARD_SETS))
+        raise FileNotFoundError(f"{str(root)!r} holds none of the authors' hard test set files ({names})")
+    return found
+
+
+def load_commonmt(path: str | Path, limit: int | None = None) -> list[dict]:
+    """One CommonMT CSV: zh->en rows, the correct English as the reference (`wrong`: the contrastive
+    translation the suite pairs it with)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CommonMT file {str(path)!r} does not exist")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COMMONMT_COLUMNS[:2] if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: no column {missing[0]!r}; CommonMT files have {', '.join(COMMONMT_COLUMNS)} "
+                                 f"(got {reader.fieldnames!r})")
+            rows = []
+            for i, r in enumerate(reader, 2):
+                src, tgt = ((r.get(c) or "").strip() for c in COMMONMT_COLUMNS[:2])
+                if not src or not tgt:
+                    raise ValueError(f"{path}:{i}: empty {COMMONMT_COLUMNS[0] if not src else COMMONMT_COLUMNS[1]}")
+                rows.append({"src": src, "tgt": tgt, "src_lang": "zh", "tgt_lang": "en",
+                             "wrong": (r.get(COMMONMT_COLUMNS[2]) or "").strip()})
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows[:limit] if limit is not None else rows
 
 
 def load_parallel(path: str | Path, src_lang: str | None = None, tgt_lang: str | None = None) -> list[dict]:

@@ -197,14 +197,15 @@ def user_message(text: str, src_lang, tgt_lang, template: str | Template) -> str
 
 def build_prompt(text: str, src_lang, tgt_lang, template: str | Template = "hierarchical",
                  system_prompt: str | None = SYSTEM_PROMPT, style: str = "ours",
-                 template_in_prompt: bool = True) -> list[dict]:
+                 template_in_prompt: bool = True, prefill: bool | None = None) -> list[dict]:
     """Chat messages asking to translate `text` in the R1-T1 format.
 
     style 'ours': `system_prompt` and a user turn with the template's condensed instruction (without
     it when template_in_prompt=False). style 'authors': their system message (unless `system_prompt`
     is given), their user wording, and an assistant turn pre-filled with `<think>` (the completion
     continues it; rewards read it with prefix=PREFILL); template_in_prompt adds the template's
-    numbered steps to the user turn [ours: the authors' prompts carry no template].
+    numbered steps to the user turn [ours: the authors' prompts carry no template]. `prefill`
+    overrides the style's pre-fill (None: pre-filled in 'authors', their RL prompt; not in 'ours').
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"source text must be a non-empty string, got {text!r}")
@@ -215,12 +216,15 @@ def build_prompt(text: str, src_lang, tgt_lang, template: str | Template = "hier
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         user = (user_message(text, src_lang, tgt_lang, template) if template_in_prompt
                 else f"Translate from {src} to {tgt}:\n{text}")
-        return messages + [{"role": "user", "content": user}]
-    user = f"Please translate the following {src} Source sentence into {tgt}.\nSource sentence: {text}"
-    if template_in_prompt:
-        user = f"Reason through these steps:\n{steps_text(template)}\n\n{user}"
-    return [{"role": "system", "content": system_prompt or AUTHORS_SYSTEM_PROMPT},
-            {"role": "user", "content": user}, {"role": "assistant", "content": PREFILL}]
+        messages.append({"role": "user", "content": user})
+    else:
+        user = f"Please translate the following {src} Source sentence into {tgt}.\nSource sentence: {text}"
+        if template_in_prompt:
+            user = f"Reason through these steps:\n{steps_text(template)}\n\n{user}"
+        messages = [{"role": "system", "content": system_prompt or AUTHORS_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    if prefill if prefill is not None else style == "authors":
+        messages.append({"role": "assistant", "content": PREFILL})
+    return messages
 
 
 def prefill_of(prompt) -> str:

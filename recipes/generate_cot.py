@@ -1,7 +1,7 @@
 """Write a cold-start CoT corpus from parallel data with any instruct model (R1-T1's stage 0).
 
     python -m recipes.generate_cot --model_name_or_path Qwen/Qwen2.5-72B-Instruct --engine vllm \
-        --parallel_path data/train.de-en.tsv --src_lang de --tgt_lang en --output data/cot.jsonl
+        --tensor_parallel_size 4 --parallel_path data/train.de-en.tsv --src_lang de --tgt_lang en --output data/cot.jsonl
     python -m recipes.generate_cot --model_name_or_path PATH --flores_dir data/flores101_dataset \
         --directions de-en,zh-en --split dev --templates all --min_quality 0.6 --output data/cot.jsonl
 
@@ -14,6 +14,11 @@ format-valid (the strict gate) and its answer scores at least `--min_quality` ag
 --cot_path` reads: the SFT target is the reasoning followed by the *reference* translation, so the
 threshold decides how far the reasoning's own answer may be from it. A summary (kept per template,
 mean quality) is printed and written beside the output.
+
+A 72B teacher (about 145 GB in bf16) fits no single GPU: `--engine vllm --tensor_parallel_size 4`
+splits it over four 80 GB GPUs, `--engine hf --device_map auto` spreads its layers over every visible
+GPU. The engine flags are `recipes.evaluate_translation`'s (`EngineArguments`); the hf engine decodes
+exactly `--temperature`/`--top_p`, not the checkpoint's generation_config.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ import torch
 from r1t1.data import load_flores, load_parallel, parse_direction
 from r1t1.languages import language
 from r1t1.templates import TEMPLATE_NAMES, TemplateSelector, steps_text
-from recipes.evaluate_translation import DECODING, generate_hf, generate_vllm
+from recipes.evaluate_translation import (
+    DECODING,
+    EngineArguments,
+    check_engine,
+    generate_hf,
+    generate_vllm,
+)
 from recipes.skeleton import parse as parse_args
 from rewards.translation import METRICS, parse, quality
 
@@ -106,7 +117,6 @@ class GenerateCoTArguments:
     metric: str = field(default="chrf", metadata={"help": "Quality of the answer against the reference.", "choices": list(METRICS)})
     min_quality: float = field(default=0.6, metadata={"help": "Keep answers scoring at least this (the metric scaled to [0, 1])."})
     comet_model: str | None = field(default=None, metadata={"help": "Local COMET checkpoint for --metric comet."})
-    engine: str = field(default="hf", metadata={"choices": ["hf", "vllm"]})
     temperature: float = field(default=0.7, metadata={"help": "0 is greedy."})
     top_p: float = field(default=0.95)
     max_new_tokens: int = field(default=1024)
@@ -115,8 +125,9 @@ class GenerateCoTArguments:
 
 
 def main(argv=None) -> dict:
-    (args,) = parse_args((GenerateCoTArguments,), argv)
+    args, engine = parse_args((GenerateCoTArguments, EngineArguments), argv)
     # Inputs fail before the model loads.
+    check_engine(engine)
     if not 0 <= args.min_quality <= 1:
         raise ValueError(f"min_quality must be in [0, 1] (the metric scaled to [0, 1]), got {args.min_quality!r}")
     if args.metric == "comet":
@@ -130,11 +141,11 @@ def main(argv=None) -> dict:
     logger.info("%d pairs, %d requests", len(pairs), len(requests))
 
     decoding = {**DECODING["greedy"], "temperature": args.temperature, "top_p": args.top_p}
-    generate = generate_hf if args.engine == "hf" else generate_vllm
+    generate = generate_hf if engine.engine == "hf" else generate_vllm
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     prompts = [teacher_prompt(r["src"], r["src_lang"], r["tgt_lang"], r["template"]) for r in requests]
-    texts = generate(args.model_name_or_path, prompts, decoding, args.max_new_tokens, args.batch_size, args.seed)
+    texts = generate(args.model_name_or_path, prompts, decoding, args.max_new_tokens, args.batch_size, args.seed, engine)
     seconds = time.perf_counter() - start
     kept, reasons = filter_completions(requests, texts, args.metric, args.min_quality, args.comet_model)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")

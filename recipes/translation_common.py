@@ -50,12 +50,14 @@ def toy_system_prompt(a) -> str | None:
 
 
 def prompt_rows(rows: list[dict], selector: TemplateSelector, a) -> list[dict]:
-    """Add `prompt` (chat messages in `a.prompt_style`, the selected template) and `ref` to loaded pairs."""
+    """Add `prompt` (chat messages in `a.prompt_style`, the selected template; pre-filled with `<think>`
+    as the style does unless `a.prefill_think` says otherwise) and `ref` to loaded pairs."""
     out = []
     for r in rows:
         template = selector.select(r["src"], r["src_lang"], r["tgt_lang"])
         prompt = build_prompt(r["src"], r["src_lang"], r["tgt_lang"], template, a.system_prompt or None,
-                              style=a.prompt_style, template_in_prompt=a.template_in_prompt)
+                              style=a.prompt_style, template_in_prompt=a.template_in_prompt,
+                              prefill=getattr(a, "prefill_think", None))
         out.append({**r, "ref": r["tgt"], "template": template.name, "prompt": prompt})
     return out
 

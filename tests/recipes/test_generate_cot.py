@@ -23,7 +23,7 @@ def parallel(tmp_path):
 def test_keeps_format_valid_reference_quality_answers(tmp_path, parallel, monkeypatch):
     asked = []
 
-    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed):
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed, engine):
         asked.extend(prompts)
         outs = []
         for p in prompts:

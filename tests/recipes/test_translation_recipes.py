@@ -19,11 +19,11 @@ def test_evaluate_translation_scores_per_direction(tmp_path, monkeypatch):
         by_prompt[src] = tgt
     seen = {}
 
-    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed):
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed, engine):
         seen["decoding"] = decoding
         outs = []
         for i, p in enumerate(prompts):
-            assert p[-1] == {"role": "assistant", "content": "<think>"}  # the authors' pre-filled turn
+            assert p[-1] == {"role": "assistant", "content": "<think>"}  # the authors' RL prompt, pre-filled
             src = p[1]["content"].rsplit("Source sentence: ", 1)[-1]
             ref = by_prompt[src]
             hyp = ref if i % 2 == 0 else ref.split()[0]  # half perfect, half one word
@@ -33,7 +33,7 @@ def test_evaluate_translation_scores_per_direction(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
     results = evaluate_translation.main(["--model_name_or_path", "unused", "--flores_dir", str(tmp_path / "flores"),
-                                         "--directions", "de-en,en→de", "--decoding", "authors",
+                                         "--directions", "de-en,en→de", "--decoding", "authors", "--prefill_think", "true",
                                          "--output_dir", str(tmp_path / "out")])
     assert seen["decoding"] == {"temperature": 0.1, "top_k": 64, "top_p": 0.75}
     assert [r["direction"] for r in results] == ["de-en", "en-de"]
@@ -53,6 +53,33 @@ def test_evaluate_translation_scores_per_direction(tmp_path, monkeypatch):
     assert avg["seen"]["directions"] == 2 and "unseen" not in avg  # de and en are in the released training data
 
 
+def test_evaluate_translation_prompts_as_the_authors_evaluation_unless_asked_to_prefill(tmp_path, monkeypatch):
+    # the authors' evaluation script asks without a pre-filled <think>: the model writes the tag, and
+    # the format gate reads it from the completion; --prefill_think true puts it in the prompt
+    write_flores(tmp_path / "flores", "devtest", {"en": EN, "de": DE})
+    own_tag, continued = "<think>t</think><answer>x</answer>", "t</think><answer>x</answer>"
+    seen = {}
+
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed, engine):
+        seen["last"] = [p[-1] for p in prompts]
+        return [own_tag, continued] * (len(prompts) // 2)
+
+    monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
+    common = ["--model", "unused", "--flores_dir", str(tmp_path / "flores"), "--directions", "de-en",
+              "--output_dir", str(tmp_path / "out")]
+    (default,) = evaluate_translation.main(common)
+    assert all(m["role"] == "user" and m["content"].endswith(DE[i]) for i, m in enumerate(seen["last"]))
+    assert default["format_rate"] == 0.5  # only the completions that open <think> themselves
+    (prefilled,) = evaluate_translation.main(common + ["--prefill_think", "true"])
+    assert seen["last"] == [{"role": "assistant", "content": "<think>"}] * len(DE)
+    assert prefilled["format_rate"] == 0.5  # now only the continuations (a repeated tag fails the gate)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["prefill_think"] is True and saved["prompt_style"] == "authors"
+    # our prompt style takes the pre-fill too when asked
+    evaluate_translation.main(common + ["--prompt_style", "ours", "--prefill_think", "true"])
+    assert seen["last"][0] == {"role": "assistant", "content": "<think>"}
+
+
 def test_evaluate_translation_paper_grid_flat_files_and_tokenizers(tmp_path, monkeypatch):
     # the released script's flat flores.{xx} files (Korean tagged kr), the paper's direction preset on a subset
     zh = ["猫在睡觉", "两只狗跑得快", "今天下雨", "我们读书"]
@@ -60,8 +87,8 @@ def test_evaluate_translation_paper_grid_flat_files_and_tokenizers(tmp_path, mon
     for tag, lines in (("en", EN), ("zh", zh), ("kr", ko), ("tl", EN)):
         (tmp_path / f"flores.{tag}").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed):
-        return ["t</think><answer>x</answer>"] * len(prompts)
+    def fake_generate(model, prompts, decoding, max_new_tokens, batch_size, seed, engine):
+        return ["<think>t</think><answer>x</answer>"] * len(prompts)
 
     monkeypatch.setattr(evaluate_translation, "generate_hf", fake_generate)
     results = evaluate_translation.main(["--model", "unused", "--flores_dir", str(tmp_path), "--directions", "paper",
