@@ -31,6 +31,7 @@ from recipes.distributed import whole_model
 from recipes.model_loading import load_model_and_tokenizer
 from recipes.preflight import preflight
 from recipes.skeleton import open_run, parse
+from recipes.translation_common import full_model_path
 from rewards.math import accuracy_reward, format_reward
 
 logger = logging.getLogger("recipes.math_reft")
@@ -56,11 +57,12 @@ class MathReFTArguments:
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
     fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build."})
+    merge_adapter: bool = field(default=False, metadata={"help": "When model_name_or_path is a LoRA adapter (an SFT run with --use_peft), merge it into its base as <adapter>-merged and start from that (reused while the adapter is unchanged); without it such a path is refused."})
 
 
 def resolve_model(model_args: ModelConfig, script_args: MathReFTArguments) -> str:
     if model_args.model_name_or_path:
-        return model_args.model_name_or_path
+        return full_model_path(model_args.model_name_or_path, script_args.merge_adapter)
     from archs.tiny import build_tiny_math_model
 
     logger.info("no --model_name_or_path: using the embedded tiny math model")

@@ -33,6 +33,7 @@ from recipes.translation_common import (
     MISSING_MODEL_HINT,
     TranslationDataArguments,
     embedded_model,
+    full_model_path,
     held_out,
     held_out_rows,
     load_model,
@@ -60,6 +61,7 @@ class TranslateR1T1Arguments(TranslationDataArguments):
     train_path: str | None = field(default=None, metadata={"help": "Training pairs (.tsv or .jsonl). Default: generated Toylang sentences."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     toy_train_size: int = field(default=4000, metadata={"help": "Generated Toylang training prompts (no train_path)."})
+    merge_adapter: bool = field(default=False, metadata={"help": "When model_name_or_path is a LoRA adapter (an SFT cold start with --use_peft), merge it into its base as <adapter>-merged and start from that (reused while the adapter is unchanged); without it such a path is refused."})
 
 
 def main(argv=None) -> dict:
@@ -92,7 +94,7 @@ def main(argv=None) -> dict:
                                              comet_batch_size=a.comet_batch_size, comet_gpus=a.comet_gpus, **reward_kwargs)
     preflight_prompts = [r["prompt"] for r in rows]
     with training_args.main_process_first(local=True, desc="building the embedded model"):  # one build per machine
-        model_path = model_args.model_name_or_path or embedded_model(script_args)
+        model_path = full_model_path(model_args.model_name_or_path or embedded_model(script_args), script_args.merge_adapter)
     preflight(model_path, a, preflight_prompts, use_peft=model_args.use_peft, revision=model_args.model_revision,
               hint=MISSING_MODEL_HINT)
     run = open_run(model_path, training_args, {"train_path": script_args.train_path}, script_args.fresh_run,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -101,6 +106,66 @@ def load_model(model_path: str, model_args, use_cpu: bool = False):
 
     check_model_path(model_path, MISSING_MODEL_HINT)
     return load_model_and_tokenizer(model_path, model_args, use_cpu=use_cpu, use_peft=model_args.use_peft)
+
+
+def adapter_base(model_path: str) -> str | None:
+    """The base model a local PEFT adapter folder names (adapter_config.json and no config.json:
+    what an SFT run with --use_peft saves), or None for anything else."""
+    folder = Path(model_path).expanduser()
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return None
+    return str(json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+
+
+def _adapter_digest(folder: Path) -> str:
+    """sha256 of the adapter's config and weights: the merged folder is reused only for these."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("adapter_*")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def merge_adapter(adapter: Path, out: Path) -> None:
+    """PEFT's merge_and_unload of `adapter` over the base it names, saved with the tokenizer (the
+    adapter folder's own, else the base's) as a full model folder; written whole or not at all."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    logger.info("merging the adapter %s into its base %s -> %s", adapter, adapter_base(str(adapter)), out)
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto").merge_and_unload()
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else adapter_base(str(adapter)))
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def full_model_path(model_path: str, merge: bool) -> str:
+    """GRPO trains a full model: a LoRA adapter folder is refused (naming how to merge it) before
+    anything loads, or with `merge` merged into `<adapter>-merged`, reused while the adapter's
+    files are unchanged. Any other path is returned as it is."""
+    base = adapter_base(model_path)
+    if base is None:
+        return model_path
+    adapter = Path(model_path).expanduser()
+    out = adapter.parent / f"{adapter.name}-merged"
+    if not merge:
+        raise ValueError(
+            f"{model_path!r} is a LoRA adapter (adapter_config.json, no config.json) on the base {base!r}: GRPO "
+            f"starts from a full model. Add --merge_adapter true to merge it into {str(out)!r} and start from there, "
+            "or merge it yourself (peft: AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload()"
+            ".save_pretrained(folder), and the tokenizer) and pass that folder as --model_name_or_path")
+    stamp = {"adapter": str(adapter.resolve()), "sha256": _adapter_digest(adapter)}
+    marker = out / "merged_from.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        merge_adapter(adapter, out)
+        marker.write_text(json.dumps(stamp, indent=2))
+    else:
+        logger.info("starting from %s, merged earlier from the unchanged adapter %s", out, model_path)
+    return str(out)
 
 
 def embedded_model(a: TranslationDataArguments) -> str:
