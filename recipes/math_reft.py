@@ -7,6 +7,8 @@ synthetic word problems. For real runs pass a Hub id or a local folder, and `--d
 (e.g. `openai/gsm8k`) or `--dataset_path` (GSM8K / MATH / SVAMP / generic files). Evaluates greedy
 held-out accuracy before and after training, writes `metrics.jsonl`, `summary.json` and
 `training.png` into `--output_dir`, and resumes from the last checkpoint there if one exists.
+Prompts carry the embedded model's system message unless `--system_prompt` gives another (Qwen2.5-Math:
+"Please reason step by step, and put your final answer within \\boxed{}.") or '' for none.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
+from archs.tiny.math_task import SYSTEM_PROMPT
 from nested_reft.config import NestedReFTConfig
 from nested_reft.data import holdout_split, load_math_dataset
 from nested_reft.evaluation import evaluate_math
@@ -58,6 +61,7 @@ class MathReFTArguments:
     fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build."})
     merge_adapter: bool = field(default=False, metadata={"help": "When model_name_or_path is a LoRA adapter (an SFT run with --use_peft), merge it into its base as <adapter>-merged and start from that (reused while the adapter is unchanged); without it such a path is refused."})
+    system_prompt: str | None = field(default=None, metadata={"help": f"System message of every prompt, training and held-out (default: the embedded tiny model's, {SYSTEM_PROMPT!r}; '' for none). Qwen2.5-Math's is 'Please reason step by step, and put your final answer within \\boxed{{}}.'"})
 
 
 def resolve_model(model_args: ModelConfig, script_args: MathReFTArguments) -> str:
@@ -70,9 +74,13 @@ def resolve_model(model_args: ModelConfig, script_args: MathReFTArguments) -> st
 
 
 def load_data(a: MathReFTArguments, split: str, limit: int | None, seed: int, source: str | None = None):
-    return load_math_dataset(source or a.dataset_path or a.dataset_name, split, format=a.dataset_format,
-                             question_field=a.question_field, answer_field=a.answer_field,
-                             limit=limit, seed=seed, levels=tuple(a.synthetic_levels) if a.synthetic_levels else None)
+    system = SYSTEM_PROMPT if a.system_prompt is None else a.system_prompt
+    ds = load_math_dataset(source or a.dataset_path or a.dataset_name, split, format=a.dataset_format,
+                           question_field=a.question_field, answer_field=a.answer_field, system_prompt=system,
+                           limit=limit, seed=seed, levels=tuple(a.synthetic_levels) if a.synthetic_levels else None)
+    if not system:  # no system message rather than an empty one (a chat template may put its own default there)
+        ds = ds.map(lambda row: {"prompt": [m for m in row["prompt"] if m["role"] != "system"]})
+    return ds
 
 
 def load_train_and_heldout(a: MathReFTArguments, seed: int):

@@ -82,3 +82,45 @@ def test_run_folder_refuses_another_runs_checkpoints_or_moves_on(tmp_path):
         prepare_run_folder(out, other)
     folder, resume = prepare_run_folder(out, other, fresh_run=True)
     assert folder == tmp_path / "run-1" and resume is None and (folder / "run.json").exists()
+
+
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@pytest.mark.parametrize("flags, system", [([], None), (["--system_prompt", QWEN_MATH_SYSTEM], QWEN_MATH_SYSTEM),
+                                           (["--system_prompt", ""], "")])
+def test_system_prompt_reaches_the_grpo_and_held_out_prompts(flags, system, small_model_dir, tmp_path, monkeypatch):
+    import recipes.math_reft as recipe
+    from archs.tiny.math_task import SYSTEM_PROMPT
+    from nested_reft.trainer import NestedReFTTrainer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class CapturingTrainer:
+        SKIP_STATE_FILE = NestedReFTTrainer.SKIP_STATE_FILE
+
+        def __init__(self, **kwargs):
+            seen["train"] = kwargs["train_dataset"]
+            raise Stop
+
+    real_eval = recipe.evaluate_math
+
+    def capturing_eval(model, tokenizer, dataset, **kwargs):
+        seen["held_out"] = dataset
+        return real_eval(model, tokenizer, dataset, **kwargs)
+
+    monkeypatch.setattr(recipe, "NestedReFTTrainer", CapturingTrainer)
+    monkeypatch.setattr(recipe, "evaluate_math", capturing_eval)
+    with pytest.raises(Stop):
+        main([*ARGS, "--model_name_or_path", small_model_dir, "--output_dir", str(tmp_path), "--train_limit", "8",
+              "--eval_limit", "2", "--eval_max_new_tokens", "2", *flags])
+    expected = SYSTEM_PROMPT if system is None else system  # default: the embedded tiny model's own
+    for rows in (seen["train"], seen["held_out"]):
+        for prompt in rows["prompt"]:
+            if expected:
+                assert prompt[0] == {"role": "system", "content": expected} and prompt[1]["role"] == "user"
+            else:  # '' is no system message at all (not an empty one)
+                assert [m["role"] for m in prompt] == ["user"]
