@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+import types
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -442,12 +443,13 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
             return optimizer
         step = optimizer.step
 
-        def guarded_step(*args, **kwargs):
-            if self._skip_nonfinite_step(optimizer):
+        def guarded_step(opt, *args, **kwargs):
+            if self._skip_nonfinite_step(opt):
                 return None
             return step(*args, **kwargs)
 
-        optimizer.step, optimizer._nested_reft_guarded = guarded_step, True
+        # a bound method: torch's LR schedulers re-wrap optimizer.step through its __func__
+        optimizer.step, optimizer._nested_reft_guarded = types.MethodType(guarded_step, optimizer), True
         return optimizer
 
     def _skip_nonfinite_step(self, optimizer) -> bool:

@@ -224,3 +224,12 @@ def test_non_finite_metrics_are_written_and_read_back(tmp_path):
     assert '"reward": "NaN"' in line and '"kl": "Infinity"' in line  # valid JSON, and a trace of the NaN
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert row["step"] == 3 and row["loss"] == 0.5 and row["kl"] == float("inf") and row["reward"] != row["reward"]
+
+
+def test_the_guarded_optimizer_works_with_transformers_own_scheduler_setup(small_model_dir, chat_tokenizer, tmp_path):
+    """`create_optimizer_and_scheduler` (public) wraps optimizer.step through its __func__: the guard
+    must be a bound method."""
+    trainer = make_trainer(small_model_dir, chat_tokenizer, tmp_path, skip_ratio=0.0, max_steps=3)
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(FP32["learning_rate"])
+    trainer.lr_scheduler.step()

@@ -166,7 +166,7 @@ def test_r1t1_sft_then_grpo_then_evaluation_as_documented(tmp_path, monkeypatch)
                               "--cot_path", "data/cot.jsonl", *held_out, *evals, *CPU, "--max_steps", "1",
                               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                               "--max_length", "320"])
-    assert sft["steps"] == 1 and sft["train_examples"] == 4 and sft["final_model"] == "outputs/r1t1_sft_qwen2.5_7b/final"
+    assert sft["steps"] == 1 and sft["train_examples"] == 4 and Path(sft["final_model"]).resolve() == Path("outputs/r1t1_sft_qwen2.5_7b/final").resolve()
     s = run_settings("outputs/r1t1_sft_qwen2.5_7b")
     assert (s["learning_rate"], s["lr_scheduler_type"], s["gradient_checkpointing"]) == (1e-5, "cosine", True)
     saved = json.loads(Path("outputs/r1t1_sft_qwen2.5_7b/final/config.json").read_text())
