@@ -15,16 +15,19 @@ from nested_reft.engines import HFEngine
 from nested_reft.trainer import NestedReFTTrainer
 
 
-def row_logps(model, output, temperature):
-    """(B, T) log-probs of each completion token, one unpadded row at a time; 0 past the end."""
+def row_logps(model, output, temperature, top_k=0):
+    """(B, T) log-probs of each completion token, one unpadded row at a time; 0 past the end.
+    `top_k` > 0: of top-k sampling, the softmax over the k largest logits, renormalised."""
     p_ids, p_mask = output["prompt_ids"], output["prompt_mask"].bool()
     c_ids, c_mask = output["completion_ids"], output["completion_mask"].bool()
     out = torch.zeros(c_ids.shape)
     with torch.no_grad():
         for i in range(c_ids.size(0)):
             prompt, completion = p_ids[i][p_mask[i]], c_ids[i][c_mask[i]]
-            logits = model(torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1]
-            lp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            logits = model(torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1 : -1].float() / temperature
+            if top_k:
+                logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+            lp = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
             out[i, : len(completion)] = lp
     return out
 

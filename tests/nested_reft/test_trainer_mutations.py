@@ -26,23 +26,8 @@ def expected_weights(model_dir, out, skip, method="tis", clip=2.0, temperature=1
     full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     old = row_logps(full, out, temperature)
     behavior = rebuilt_without(full, skip) if skip else full
-    mu = row_logps(behavior, out, temperature) if not top_k else top_k_logps(behavior, out, temperature, top_k)
+    mu = row_logps(behavior, out, temperature, top_k)
     return correction_weights(old, mu, out["completion_mask"], method, clip=clip)
-
-
-def top_k_logps(model, out, temperature, k):
-    """log μ of top-k sampling: the softmax over the k largest logits, renormalised."""
-    p_ids, p_mask = out["prompt_ids"], out["prompt_mask"].bool()
-    c_ids, c_mask = out["completion_ids"], out["completion_mask"].bool()
-    res = torch.zeros(c_ids.shape)
-    with torch.no_grad():
-        for i in range(c_ids.size(0)):
-            prompt, completion = p_ids[i][p_mask[i]], c_ids[i][c_mask[i]]
-            logits = model(torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1:-1].float() / temperature
-            kth = logits.topk(k, -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-            res[i, : len(completion)] = torch.log_softmax(logits, -1).gather(-1, completion[:, None]).squeeze(-1)
-    return res
 
 
 def test_rescored_mu_uses_the_rounds_skip_set(small_model_dir, chat_tokenizer, tmp_path, monkeypatch):
