@@ -94,6 +94,8 @@ class NestedReFTConfig(GRPOConfig):
     vllm_server_weights_dir: str | None = field(default=None, metadata={"help": "engine=vllm_server, weight transfer 'file': a folder the trainer writes and the server reads (default /dev/shm: a server on this machine)."})
     behavior_logprobs: str = field(default="sampler", metadata={"help": "Where log μ comes from: 'sampler' (default): the engine's own sampler scores, float32, the processed distribution that sampled (after repetition_penalty, temperature, min_p, top_k, top_p), no extra forward. 'rescore': the trainer scores the samples with its own forward under the skip set (plain temperature sampling only; behavior='skip' only).", "choices": list(BEHAVIOR_LOGPROBS)})
     nonfinite_logprobs: str = field(default="error", metadata={"help": f"What a round with a NaN/inf behavior log-prob (μ), or whose correction weights are all 0, does: one of {NONFINITE_LOGPROBS}. 'error' (default) stops the run naming the engine and the step (a broken behavior model would otherwise train on nothing, silently); 'skip_round' skips the round's optimizer steps and counts them (nonfinite_rounds_skipped). Non-finite tokens are logged every round (correction/nonfinite_mu_tokens, correction/nonfinite_old_tokens).", "choices": list(NONFINITE_LOGPROBS)})
+    filter_groups: bool = field(default=False, metadata={"help": "Dynamic sampling (DAPO): drop the groups whose rewards are all equal (their GRPO advantages are 0: no signal) and sample more prompts from the training set until the round is full of groups with signal, at most filter_groups_max_calls extra generate calls per round (the rest is then filled with the dropped groups, counted in dynamic_sampling/unfilled_groups). One training process only."})
+    filter_groups_max_calls: int = field(default=4, metadata={"help": "filter_groups: the most extra generation calls one round may make to fill itself (>= 1)."})
     max_idle_steps: int = field(default=20, metadata={"help": "Stop with one error when this many optimizer steps in a row could not change the weights (skipped for a non-finite loss or a dropped round, or every gradient zero: all advantages 0, e.g. NaN rewards), instead of running on unchanged weights; 0 turns the check off."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call of the rollout engine."})
     reward_timeout: float = field(default=120.0, metadata={"help": "Seconds a reward function may take on a round's batch (and then on each sample of a failed batch); a sample whose reward raises or overruns scores 0 and is counted in rewards/<name>/failed instead of stopping the run."})
@@ -131,6 +133,8 @@ class NestedReFTConfig(GRPOConfig):
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
         if self.steps_per_generation is not None and self.steps_per_generation < 1:
             raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation!r}")
+        if self.filter_groups_max_calls < 1:
+            raise ValueError(f"filter_groups_max_calls must be >= 1, got {self.filter_groups_max_calls!r}")
         if self.max_idle_steps < 0:
             raise ValueError(f"max_idle_steps must be >= 0 (0: off), got {self.max_idle_steps!r}")
 

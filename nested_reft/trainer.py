@@ -15,8 +15,10 @@ TRL's hooks this class overrides, in the order they run in one training step:
 4. `_generate` (ours: wake the engine, open the round: sync weights, draw and set the skip set;
    close it: round metrics, the full-model probe), which calls, once per turn (tool calls add turns),
 5. `_generate_single_turn` (ours: the engine samples, returning tokens and μ);
-   back in `_generate_and_score_completions` TRL computes rewards and advantages, then ours adds
-   π_old (dropout off), the finiteness check, the correction weights and the diagnostics;
+   back in `_generate_and_score_completions` TRL computes rewards (`_calculate_rewards`, ours:
+   inf made NaN, counted) and advantages, then ours adds π_old (dropout off), the finiteness
+   check, the correction weights and the diagnostics; with `filter_groups` ours repeats 3-5 for
+   more prompts until the round's groups all carry signal (`dynamic_sampling.py`);
    back in `_prepare_inputs` TRL splits the round into batches (ours trims unused padding);
 6. `compute_loss` (TRL's `_compute_loss`, plus a backbone's auxiliary loss: `aux_loss.py`), then
    the optimizer step through the guard of `create_optimizer` (skips non-finite steps; fp32
@@ -46,6 +48,13 @@ from .aux_loss import GRPOAuxLossMixin
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
 from .corrections import correction_weights, diagnostics
+from .dynamic_sampling import (
+    concat_outputs,
+    informative_groups,
+    refill_prompts,
+    refill_size,
+    select_groups,
+)
 from .engines import RolloutEngine, RolloutEngineUnavailable, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
@@ -161,6 +170,10 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         self._idle_steps = {"nonfinite": 0, "zero_gradient": 0, "skipped_round": 0}  # consecutive, by cause
         # π_old and a re-scored μ are computed with dropout off, as the sampler runs
         self._dropout_active = has_active_dropout(policy)
+        self._row_rewards: torch.Tensor | None = None  # the last scored rows' weighted rewards
+        if a.filter_groups and self.accelerator.num_processes > 1:
+            raise ValueError(f"filter_groups=True runs in one training process; this run has {self.accelerator.num_processes} "
+                             "(each would keep a different number of groups)")
 
     # ------------------------------------------------------------------ generation
 
@@ -335,9 +348,56 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         for i, name in enumerate(self.reward_func_names):
             self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(bad[:, i].sum()))
-        return torch.where(torch.isinf(rewards), torch.full_like(rewards, float("nan")), rewards)
+        rewards = torch.where(torch.isinf(rewards), torch.full_like(rewards, float("nan")), rewards)
+        # each row's weighted reward, NaN when no function scored it (as TRL sums them): filter_groups reads it
+        weighted = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
+        self._row_rewards = torch.where(bad.all(dim=1), torch.full_like(weighted, float("nan")), weighted)
+        return rewards
 
     def _generate_and_score_completions(self, inputs):
+        output = self._score_and_correct(inputs)
+        if self.model.training and self.args.filter_groups:
+            output = self._fill_with_informative_groups(inputs, output)
+        return output
+
+    def _fill_with_informative_groups(self, inputs: list, output: dict) -> dict:
+        """Dynamic sampling (`filter_groups`, `dynamic_sampling.py`): keep the groups whose rewards
+        differ, and sample more prompts (each call its own generation round: its own skip set,
+        seeds and correction) until the round has as many such groups as it was given, at most
+        `filter_groups_max_calls` extra calls; then fill up with dropped groups (no signal)."""
+        size = self.num_generations
+        n_groups = len(inputs) // size
+        steps_to_skip = self._round_steps_to_skip  # a bad call skips the round's steps once, not per call
+        parts = [(output, informative_groups(self._row_rewards, size))]
+        kept, generated, calls = int(parts[0][1].sum()), n_groups, 0
+        while kept < n_groups and calls < self.args.filter_groups_max_calls:
+            n = refill_size(n_groups - kept, kept, generated, n_groups)
+            rows = [self.train_dataset[i] for i in refill_prompts(len(self.train_dataset), n, self.args.seed, self._round)
+                    for _ in range(size)]
+            part = self._score_and_correct(rows)
+            parts.append((part, informative_groups(self._row_rewards, size)))
+            kept, generated, calls = kept + int(parts[-1][1].sum()), generated + n, calls + 1
+        if self._round_steps_to_skip > steps_to_skip:
+            per_round = max(1, self.args.steps_per_generation * self.num_iterations // self.args.gradient_accumulation_steps)
+            self._round_steps_to_skip = steps_to_skip + per_round
+        chosen, missing = [], n_groups
+        for part, informative in parts:  # informative groups first, in the order they were sampled
+            take = informative.nonzero().view(-1)[:missing]
+            if take.numel():
+                chosen.append(select_groups(part, take, size))
+                missing -= take.numel()
+        filler = (~parts[0][1]).nonzero().view(-1)[:missing]  # the round's own dropped groups
+        if filler.numel():
+            chosen.append(select_groups(output, filler, size))
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/informative_fraction"].append(float(parts[0][1].float().mean()))
+        metrics["dynamic_sampling/extra_calls"].append(float(calls))
+        metrics["dynamic_sampling/extra_prompts"].append(float(generated - n_groups))
+        metrics["dynamic_sampling/unfilled_groups"].append(float(filler.numel()))
+        return concat_outputs(chosen, self._tokenizer.pad_token_id)
+
+    def _score_and_correct(self, inputs):
+        """TRL's sampling, rewards and advantages for `inputs`, then π_old and the correction weights."""
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         for func, name in zip(self.reward_funcs, self.reward_func_names):
