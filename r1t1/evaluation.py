@@ -32,10 +32,13 @@ class TranslationScores:
     comet: float | None = None
     temperature: float = 0.0
     seconds: float = 0.0
+    completion_tokens: float | None = None  # mean generated tokens per completion (evaluate_translation)
     samples: list = field(default_factory=list)  # a few (source, completion, reference) rows
+    completions: list = field(default_factory=list)  # every completion, in row order (not serialised)
 
     def as_dict(self, with_samples: bool = False) -> dict:
         out = asdict(self)
+        out.pop("completions")
         if not with_samples:
             out.pop("samples")
         return out
@@ -69,7 +72,7 @@ def score_translations(completions: list[str], srcs: list[str], refs: list[str],
         format_rate=sum(format_valid(c, gate) for c in completions) / len(completions),
         mean_reward=sum(rewards) / len(rewards), n=len(refs),
         chrf_signature=str(chrf.get_signature()), bleu_signature=str(bleu.get_signature()), comet=comet,
-        samples=list(zip(srcs, completions, refs))[:num_keep],
+        samples=list(zip(srcs, completions, refs))[:num_keep], completions=completions,
     )
 
 
@@ -81,7 +84,7 @@ def evaluate_translation(model, tokenizer, rows, *, temperature: float = 0.0, ma
     rows = list(rows)
     start = time.perf_counter()
     kind = "greedy" if temperature == 0 else f"T={temperature:g}"
-    texts, _ = generate_completions(model, tokenizer, [r["prompt"] for r in rows], temperature=temperature,
+    texts, n_tokens = generate_completions(model, tokenizer, [r["prompt"] for r in rows], temperature=temperature,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                                     progress=progress, desc=f"translate ({kind})", top_k=top_k, top_p=top_p)
     langs = {r.get("tgt_lang") for r in rows}
@@ -89,5 +92,6 @@ def evaluate_translation(model, tokenizer, rows, *, temperature: float = 0.0, ma
                                 gate=gate, prefixes=[prefill_of(r["prompt"]) for r in rows],
                                 tgt_lang=langs.pop() if len(langs) == 1 else None, bleu_tokenize=bleu_tokenize)
     scores.temperature = temperature
+    scores.completion_tokens = n_tokens / len(texts)
     scores.seconds = time.perf_counter() - start
     return scores

@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
         rows = prompt_rows(pairs[: script_args.train_limit], selector, script_args)
     else:
         rows = toy_rows("train", script_args.train_limit or script_args.toy_train_size, seed=script_args.tiny_seed + 1,
-                        selector=selector, system_prompt=toy_system_prompt(script_args))
+                        selector=selector, system_prompt=toy_system_prompt(script_args),
+                        instruction=script_args.toy_instruction)
     logger.info("training prompts: %s (%d)", script_args.train_path or "the embedded Toylang set (en-qtl; "
                 "pass --train_path for real data)", len(rows))
     rows = [{k: r[k] for k in ("prompt", "src", "ref", "src_lang", "tgt_lang")} for r in rows]

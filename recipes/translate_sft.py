@@ -53,6 +53,7 @@ class TranslateSFTArguments(TranslationDataArguments):
     cot_path: str | None = field(default=None, metadata={"help": "CoT corpus: ours (.jsonl: src, tgt, template, cot[, src_lang, tgt_lang]; prompts in prompt_style) or the authors' released one (.json array: instruction, input, source_lang, target_lang, target_text, thought_chains, output; their prompts and outputs as released). Default: generated Toylang traces."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
     toy_train_size: int = field(default=20_000, metadata={"help": "Generated Toylang training examples (no cot_path)."})
+    toy_literal_fraction: float = field(default=0.0, metadata={"help": "Share of generated Toylang examples (no cot_path) written by a careless teacher: the thought 'word for word' and a literal answer in English word order instead of the traced reference. A cold start on both samples careful and careless translations, for GRPO to choose between."})
     template_mode: str = field(default="random", metadata={"help": f"Template of each generated Toylang example and held-out prompt: one of {SELECTION_MODES[:2]}.", "choices": list(SELECTION_MODES[:2])})
     template: str = field(default="hierarchical", metadata={"help": "The template of template_mode='fixed'."})
     templates: list[str] | None = field(default=None, metadata={"help": "The templates template_mode='random' draws from (default: all six)."})
@@ -62,9 +63,13 @@ def sft_rows(a: TranslateSFTArguments, selector: TemplateSelector, seed: int) ->
     """Prompt-completion rows (conversational) for TRL's SFTTrainer: loss on the completion only.
     The cold start teaches the whole assistant turn, `<think>` included: a GRPO prompt that pre-fills
     `<think>` (prompt_style 'authors') then continues where the cold-start data did."""
+    if a.cot_path is not None and a.toy_literal_fraction:
+        raise ValueError(f"toy_literal_fraction={a.toy_literal_fraction!r} rewrites generated Toylang examples; "
+                         f"with --cot_path {a.cot_path!r} the corpus is yours: leave it at 0")
     if a.cot_path is None:
         rows = toy_rows("train", a.toy_train_size, seed=a.tiny_seed, selector=selector, with_cot=True,
-                        system_prompt=toy_system_prompt(a))
+                        system_prompt=toy_system_prompt(a), literal_fraction=a.toy_literal_fraction,
+                        instruction=a.toy_instruction)
         rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
     elif Path(a.cot_path).suffix.lower() == ".json":  # the authors' corpus: their prompts and outputs
         rows = [{"prompt": [{"role": "user", "content": r["prompt_text"]}],

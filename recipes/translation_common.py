@@ -16,7 +16,7 @@ from nested_reft.reporting import plot_training
 from r1t1.data import load_flores, load_parallel
 from r1t1.evaluation import TranslationScores, evaluate_translation
 from r1t1.templates import PREFILL, PROMPT_STYLES, SYSTEM_PROMPT, TemplateSelector, build_prompt
-from r1t1.toy import build_toy_model, toy_rows
+from r1t1.toy import build_toy_model, is_toy, literal_rate, toy_rows
 
 logger = logging.getLogger("recipes.translation")
 
@@ -38,6 +38,7 @@ class TranslationDataArguments:
     system_prompt: str | None = field(default=None, metadata={"help": "System message of every prompt (default: the prompt style's own; '' for none)."})
     tiny_cache_dir: str | None = field(default=None, metadata={"help": "Where the embedded tiny model is cached (default ~/.cache/nested_reft)."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny model's build and of the Toylang data."})
+    toy_instruction: bool = field(default=True, metadata={"help": "Toylang prompts carry the selected template's condensed instruction (our default); false: only 'Translate from English to Toylang:' and the sentence, so the model chooses the layout of its trace itself, as with the authors' prompts."})
     fresh_run: bool = field(default=False, metadata={"help": "When --output_dir holds another run's checkpoints, start fresh in the next free <output_dir>-N instead of stopping."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads for this run (on a shared CPU, 1 avoids thread contention)."})
 
@@ -88,7 +89,8 @@ def held_out_rows(a: TranslationDataArguments, selector: TemplateSelector, corpu
         rows = load_parallel(a.eval_path, a.src_lang, a.tgt_lang)[: a.eval_limit]
         where = a.eval_path
     else:
-        rows = toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=toy_system_prompt(a))
+        rows = toy_rows("test", a.eval_limit, seed=a.tiny_seed, selector=selector, system_prompt=toy_system_prompt(a),
+                        instruction=a.toy_instruction)
         logger.info("held-out set: the embedded Toylang test split (%d sentences, en-qtl); a real model needs "
                     "--eval_flores_dir or --eval_path", len(rows))
         return rows
@@ -183,9 +185,13 @@ def held_out(model, tokenizer, rows, a: TranslationDataArguments, label: str, se
         s: TranslationScores = evaluate_translation(model, tokenizer, rows, temperature=temperature,
                                                     max_new_tokens=a.eval_max_new_tokens,
                                                     batch_size=a.eval_batch_size, seed=seed, progress=True, gate=gate)
-        logger.info("held-out %s %s: chrF %.2f, BLEU %.2f, format %.1f%%, reward %.3f (%d sentences)", kind, label,
-                    s.chrf, s.bleu, 100 * s.format_rate, s.mean_reward, s.n)
+        logger.info("held-out %s %s: chrF %.2f, BLEU %.2f, format %.1f%%, reward %.3f, %.1f tokens per completion "
+                    "(%d sentences)", kind, label, s.chrf, s.bleu, 100 * s.format_rate, s.mean_reward,
+                    s.completion_tokens, s.n)
         out[kind] = s.as_dict()
+        if is_toy(rows):  # the careless teacher's word-for-word answers (a cold start with toy_literal_fraction)
+            out[kind]["literal_rate"] = literal_rate(s.completions)
+            logger.info("held-out %s %s: %.1f%% word-for-word answers", kind, label, 100 * out[kind]["literal_rate"])
         if kind == "greedy":
             out["example"] = {"src": s.samples[0][0], "completion": s.samples[0][1], "ref": s.samples[0][2]}
     return out

@@ -15,6 +15,13 @@ Chain-of-thought traces follow the six R1-T1 templates (`TOY_LAYOUTS`, one per t
 glossed with their inflected Toylang form, listed phrase by phrase in Toylang order, so the
 answer is the concatenation of the glossed forms. Train and test sentences are disjoint by
 construction: the hash of a sentence decides its split.
+
+A cold-start corpus may also hold *literal* examples (`LITERAL_COT`, `literal_translation`,
+`is_literal_example`), as a careless teacher writes them: a one-line thought and a word-for-word
+answer that keeps the English order (subject, verb, object, place; adjectives before their nouns).
+Each word is still the right inflected Toylang form, so a literal answer is partly right (chrF
+57.2 on the 200 held-out sentences) but never correct. A model warmed up on both kinds samples
+either; a quality reward pays the careful traces, which is what RL can learn.
 """
 
 from __future__ import annotations
@@ -158,6 +165,26 @@ def toy_cot(pair: ToyPair, template: str) -> str:
     if template not in TOY_LAYOUTS:
         raise ValueError(f"no Toylang trace for template {template!r}; templates are {', '.join(TOY_LAYOUTS)}")
     return TOY_LAYOUTS[template](pair)
+
+
+LITERAL_COT = "word for word"  # the whole thought of a literal example: no analysis, no reordering
+ENGLISH_ORDER = ("S", "V", "O", "P")
+
+
+def literal_translation(pair: ToyPair) -> str:
+    """The careless teacher's answer: each word's inflected Toylang form, in English word order
+    (S V O P, an adjective before its noun), articles dropped."""
+    phrases = sorted(pair.phrases, key=lambda p: ENGLISH_ORDER.index(p.role))
+    return " ".join(t for p in phrases for _, t in reversed(p.gloss))
+
+
+def is_literal_example(src: str, fraction: float, seed: int = 0) -> bool:
+    """Whether the cold-start example of `src` is a literal one (a function of seed and sentence, so
+    an example keeps its kind across epochs and shuffles); `fraction` of examples on average."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"literal fraction must be a number in [0, 1], got {fraction!r}")
+    h = int.from_bytes(hashlib.sha256(f"literal:{seed}:{src}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
 
 
 def is_test_sentence(src: str, test_fraction: float = 0.1) -> bool:

@@ -165,3 +165,89 @@ def test_rendered_prefill_is_continued_not_closed(chat_tokenizer):
     assert text.endswith("<think>"), text[-60:]
     plain = render_chat(msgs[:2], chat_tokenizer)
     assert text.startswith(plain)  # the generation prompt, then the pre-fill
+
+
+# ------------------------------------------------------------------ the careless teacher's literal examples
+
+def test_literal_translation_keeps_english_order_and_inflections():
+    import random
+
+    from archs.tiny.translation_task import literal_translation
+
+    rng = random.Random(0)
+    ex = next(p for p in (make_pair(rng) for _ in range(400)) if len(p.phrases) == 4 and all(len(p.phrases[i].gloss) == 2 for i in (1, 2)))
+    place, subj, obj, verb = ex.phrases
+    # English order S V O P, each adjective before its noun, every word the reference's inflected form
+    expected = [subj.gloss[1][1], subj.gloss[0][1], verb.gloss[0][1], obj.gloss[1][1], obj.gloss[0][1], place.gloss[0][1]]
+    assert literal_translation(ex).split() == expected
+    assert sorted(literal_translation(ex).split()) == sorted(ex.tgt.split()) and literal_translation(ex) != ex.tgt
+
+
+def test_the_literal_answers_score_57_chrf_on_the_held_out_sentences():
+    from sacrebleu.metrics import CHRF
+
+    from archs.tiny.translation_task import literal_translation
+
+    pairs = generate_pairs(200, "test", seed=0, unique=True)
+    literal = [literal_translation(p) for p in pairs]
+    assert sum(a == p.tgt for a, p in zip(literal, pairs)) == 0  # never the reference (every sentence has S, V, O)
+    assert CHRF().corpus_score(literal, [[p.tgt for p in pairs]]).score == pytest.approx(57.16, abs=0.01)
+
+
+def test_literal_examples_are_a_deterministic_share_of_sentences():
+    from archs.tiny.translation_task import is_literal_example
+
+    srcs = [p.src for p in generate_pairs(3000, "train", seed=0)]
+    picked = [is_literal_example(s, 0.3) for s in srcs]
+    assert 0.27 < sum(picked) / len(srcs) < 0.33
+    assert picked == [is_literal_example(s, 0.3) for s in srcs]  # a function of (seed, sentence)
+    assert picked != [is_literal_example(s, 0.3, seed=1) for s in srcs]
+    assert not any(is_literal_example(s, 0.0) for s in srcs) and all(is_literal_example(s, 1.0) for s in srcs)
+    for bad in (1.5, -0.1, "0.3", True, None):
+        with pytest.raises(ValueError, match="literal fraction must be a number in"):
+            is_literal_example("a dog saw a cat", bad)
+
+
+def test_toy_rows_with_literal_examples_keep_the_reference():
+    from archs.tiny.translation_task import LITERAL_COT, literal_translation
+
+    rows = toy_rows("train", 400, selector=TemplateSelector("random"), with_cot=True, literal_fraction=0.3)
+    pairs = {p.src: p for p in generate_pairs(400, seed=0)}
+    literal = [r for r in rows if r["literal"]]
+    assert 0.2 < len(literal) / len(rows) < 0.4
+    for r in rows:
+        pair = pairs[r["src"]]
+        assert r["ref"] == pair.tgt  # the reward and the evaluation score against the reference
+        if r["literal"]:
+            assert r["cot"] == LITERAL_COT
+            assert r["completion"][0]["content"] == format_completion(LITERAL_COT, literal_translation(pair))
+        else:
+            assert r["completion"][0]["content"] == format_completion(toy_cot(pair, r["template"]), pair.tgt)
+    # without literal examples the corpus is what it was
+    plain = toy_rows("train", 400, selector=TemplateSelector("random"), with_cot=True)
+    assert not any(r["literal"] for r in plain)
+    assert [r["completion"] for r in plain if r["src"] not in {x["src"] for x in literal}] == \
+        [r["completion"] for r in rows if not r["literal"]]
+    with pytest.raises(ValueError, match="needs with_cot=True"):
+        toy_rows("train", 4, literal_fraction=0.3)
+
+
+def test_literal_rate_reads_the_first_thought():
+    from r1t1.toy import is_toy, literal_rate
+
+    completions = ["<think>word for word</think><answer>a b</answer>", " <think>word for word</think><answer>x</answer>",
+                   "<think>words: S dog = vato</think><answer>vato</answer>", "<answer>x</answer><think>word for word</think>"]
+    assert literal_rate(completions) == 0.5
+    assert literal_rate([None, 3]) == 0.0
+    with pytest.raises(ValueError):
+        literal_rate([])
+    assert is_toy(toy_rows("test", 3)) and not is_toy([{"src_lang": "de", "tgt_lang": "en"}]) and not is_toy([])
+
+
+def test_toy_prompts_without_the_template_instruction():
+    rows = toy_rows("test", 5, selector=TemplateSelector("random"), system_prompt=None, instruction=False)
+    for r in rows:
+        assert r["prompt"] == [{"role": "user", "content": f"Translate from English to Toylang:\n{r['src']}"}]
+    with_instruction = toy_rows("test", 5, selector=TemplateSelector("random"), system_prompt=None)
+    for r in with_instruction:
+        assert r["prompt"][0]["content"].startswith(TEMPLATES[r["template"]].instruction)

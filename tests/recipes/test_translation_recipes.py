@@ -1,6 +1,7 @@
 """Translation recipes: evaluation scores on Flores fixtures, and SFT → GRPO end to end in miniature."""
 
 import json
+from pathlib import Path
 
 import pytest
 from sacrebleu.metrics import BLEU, CHRF
@@ -117,12 +118,16 @@ def test_evaluate_translation_input_errors(tmp_path):
 def test_sft_then_grpo_end_to_end_in_miniature(tmp_path):
     cache, sft_out, grpo_out = tmp_path / "cache", tmp_path / "sft", tmp_path / "grpo"
     common = ["--eval_limit", "4", "--eval_max_new_tokens", "12", "--tiny_cache_dir", str(cache), "--report_to", "none",
-              "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no", "--system_prompt", ""]
+              "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no", "--system_prompt", "",
+              "--toy_instruction", "false"]
     sft = translate_sft.main(["--output_dir", str(sft_out), "--toy_train_size", "64", "--max_steps", "3",
+                              "--toy_literal_fraction", "0.3",
                               "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_length", "256",
                               "--gradient_checkpointing", "false", "--eval_sampled", "false"] + common)
     assert sft["steps"] == 3 and sft["train_examples"] == 64
     assert 0 <= sft["after"]["greedy"]["chrf"] <= 100 and "sampled" not in sft["after"]
+    assert 0 <= sft["after"]["greedy"]["literal_rate"] <= 1 and 0 < sft["after"]["greedy"]["completion_tokens"] <= 12
+    assert sft["before"]["greedy"]["completion_tokens"] == 12  # fresh weights never stop before the budget
     assert (sft_out / "final" / "config.json").exists() and (sft_out / "training.png").exists()
     rows = [json.loads(line) for line in (sft_out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
@@ -135,6 +140,32 @@ def test_sft_then_grpo_end_to_end_in_miniature(tmp_path):
     assert grpo["chrf_gain"] == pytest.approx(grpo["after"]["greedy"]["chrf"] - grpo["before"]["greedy"]["chrf"])
     rows = [json.loads(line) for line in (grpo_out / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/kl_penalty/mean" in r for r in rows) and any("rewards/translation_chrf/mean" in r for r in rows)
+
+
+def test_the_toy_configs_prompt_both_stages_alike_and_the_cold_start_mixes_teachers(tmp_path):
+    from trl import ModelConfig, SFTConfig
+
+    from r1t1.config import R1T1Config
+    from recipes.skeleton import parse
+
+    configs = Path(translate_sft.__file__).parent / "configs"
+    sft, _, _ = parse((translate_sft.TranslateSFTArguments, SFTConfig, ModelConfig),
+                      ["--config", str(configs / "translate_sft_toy.yaml"), "--output_dir", str(tmp_path / "a")])
+    grpo, grpo_args, _ = parse((translate_r1t1.TranslateR1T1Arguments, R1T1Config, ModelConfig),
+                               ["--config", str(configs / "translate_r1t1_toy.yaml"), "--output_dir", str(tmp_path / "b")])
+    # GRPO's prompts must be the ones the cold start learned: no template instruction, no system message
+    assert (sft.toy_instruction, sft.system_prompt) == (grpo.toy_instruction, grpo.system_prompt) == (False, "")
+    assert sft.toy_literal_fraction == 0.3  # the demo's numbers in docs/r1t1.md were measured with these
+    assert (grpo_args.learning_rate, grpo_args.max_steps, grpo_args.num_generations) == (1e-4, 30, 8)
+
+
+def test_a_literal_fraction_with_a_real_corpus_is_refused(tmp_path):
+    corpus = tmp_path / "cot.jsonl"
+    corpus.write_text(json.dumps({"src": "Der Hund.", "tgt": "The dog.", "template": "hierarchical", "cot": "x",
+                                  "src_lang": "de", "tgt_lang": "en"}) + "\n")
+    with pytest.raises(ValueError, match="toy_literal_fraction=0.3 rewrites generated Toylang examples"):
+        translate_sft.main(["--output_dir", str(tmp_path / "out"), "--cot_path", str(corpus), "--toy_literal_fraction", "0.3",
+                            "--eval_path", str(corpus), "--report_to", "none", "--bf16", "false"])
 
 
 def test_grpo_recipe_names_a_missing_cold_start_model(tmp_path):
