@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer against NestedReFTTrainer on the same rollout engine, over seeds.
 
-    python -m benchmarks.vs_trl [--runs trl-hf ours-hf trl-vllm ours-vllm] [--seeds 0 1 2]
+    python -m benchmarks.vs_trl [--runs trl-hf ours-onpolicy-hf ours-tis-hf ours-seq_is-hf ours-retrace-hf] [--seeds 0 1 2]
                                 [--max_steps N] [--eval_every 10] [--eval_limit 100] [--threads 1]
                                 [--out outputs/benchmarks/vs_trl] [--table_only]
 
@@ -8,8 +8,11 @@ Like for like: `-hf` runs sample with Hugging Face `generate()` on both sides (T
 ours `engine=hf`); `-vllm` runs with a colocated, in-process vLLM on both sides, eager on both
 (ours always passes `enforce_eager=True`; TRL's is started the same way by the shim below). The
 hyper-parameters are those of recipes/configs/math_reft_tiny.yaml (the step budget is its
-`max_steps` unless --max_steps is given); ours keeps its skip ratio and correction, TRL is on-policy
-(with its default vLLM importance-sampling correction on the vLLM side). Every `--eval_every` steps
+`max_steps` unless --max_steps is given); `ours-<engine>` keeps the config's skip ratio and correction
+(and its `filter_groups`, which TRL does not have), `ours-onpolicy-<engine>` skips nothing, and
+`ours-tis-…`, `ours-seq_is-…`, `ours-retrace-…` keep the skip ratio with that correction at its
+default clip. TRL is on-policy (with its default vLLM importance-sampling correction on the vLLM
+side). Every `--eval_every` steps
 the clock is paused and held-out greedy accuracy is measured on `--eval_limit` problems (the same
 problems for both sides of a seed). Wall-clock runs from trainer construction (vLLM start
 included) and excludes evaluation.
@@ -43,14 +46,32 @@ SHARED_KEYS = ("num_generations", "per_device_train_batch_size", "max_completion
                "top_p", "steps_per_generation", "learning_rate", "lr_scheduler_type", "warmup_steps", "beta", "loss_type",
                "reward_weights")
 RUNS = ("trl-hf", "ours-hf", "trl-vllm", "ours-vllm")
+# ours-<variant>-<engine>: 'onpolicy' samples with the full model (nothing skipped); a correction
+# name keeps the config's skip ratio with that correction at its default clip (seq_is: untruncated).
+VARIANTS = ("onpolicy", "tis", "seq_is", "retrace")
 
 
 def parse_run(name: str) -> tuple[str, str]:
-    """'trl-vllm' -> ('trl', 'vllm')."""
-    side, _, engine = name.partition("-")
-    if side not in ("trl", "ours") or engine not in ("hf", "vllm"):
-        raise ValueError(f"run {name!r}: expected one of {', '.join(RUNS)}")
+    """'trl-vllm' -> ('trl', 'vllm'); 'ours-retrace-hf' -> ('ours', 'hf')."""
+    head, _, engine = name.rpartition("-")
+    side, dash, variant = head.partition("-")
+    if side not in ("trl", "ours") or engine not in ("hf", "vllm") or (dash and (side == "trl" or variant not in VARIANTS)):
+        raise ValueError(f"run {name!r}: expected one of {', '.join(RUNS)}, or ours-<variant>-<engine> with a variant "
+                         f"from {', '.join(VARIANTS)}")
     return side, engine
+
+
+def run_variant(name: str) -> str | None:
+    """'ours-retrace-hf' -> 'retrace'; None for the config's own settings."""
+    head = name.rpartition("-")[0]
+    return head.partition("-")[2] or None
+
+
+def run_order(name: str) -> tuple:
+    """TRL first, then ours with the config's settings, on-policy, and the corrections in VARIANTS order."""
+    side, engine = parse_run(name)
+    variant = run_variant(name)
+    return (engine, side != "trl", -1 if variant is None else VARIANTS.index(variant))
 
 
 # --------------------------------------------------------------------------- TRL colocated vLLM shim
@@ -219,9 +240,17 @@ def run_one(name: str, seed: int, args) -> dict:
         with trl_colocated_vllm_shim(cfg["vllm_dtype"]) if engine == "vllm" else contextlib.nullcontext():
             trainer = GRPOTrainer(args=targs, **kw)
     else:
-        targs = NestedReFTConfig(engine=engine, vllm_dtype=cfg["vllm_dtype"], skip_ratio=cfg["skip_ratio"] if args.skip_ratio is None else args.skip_ratio,
-                                 correction=cfg["correction"], clip=cfg["clip"], keep_first=cfg["keep_first"],
+        variant = run_variant(name)
+        skip_ratio = cfg["skip_ratio"] if args.skip_ratio is None else args.skip_ratio
+        correction, clip = cfg["correction"], cfg["clip"]
+        if variant == "onpolicy":
+            skip_ratio = 0.0
+        elif variant is not None:
+            correction, clip = variant, None  # the correction's own default clip
+        targs = NestedReFTConfig(engine=engine, vllm_dtype=cfg["vllm_dtype"], skip_ratio=skip_ratio,
+                                 correction=correction, clip=clip, keep_first=cfg["keep_first"],
                                  keep_last=cfg["keep_last"], skip_mode=cfg["skip_mode"],
+                                 filter_groups=cfg.get("filter_groups", False),
                                  rollout_batch_size=cfg["rollout_batch_size"], full_model_probe_every=0, **common)
         engine_obj = ours_vllm_engine(targs, model, tokenizer) if engine == "vllm" else None
         trainer = NestedReFTTrainer(args=targs, engine=engine_obj, **kw)
@@ -233,7 +262,8 @@ def run_one(name: str, seed: int, args) -> dict:
         trainer.engine.close()
     return {"name": name, "seed": seed, "side": side, "engine": engine, "curve": curve, "construct_seconds": construct,
             "train_wall_seconds": total, "steps": trainer.state.global_step,
-            "skip_ratio": getattr(targs, "skip_ratio", 0.0), "load_average_1min": os.getloadavg()[0], "logs": logs_}
+            "skip_ratio": getattr(targs, "skip_ratio", 0.0), "correction": getattr(targs, "correction", None),
+            "load_average_1min": os.getloadavg()[0], "logs": logs_}
 
 
 # --------------------------------------------------------------------------- report
@@ -267,7 +297,7 @@ def seed_table(results: list[dict]) -> str:
     lines = ["| seed | run | steps | start s | train wall-clock s | s/step | " + " | ".join(f"acc @{s}" for s in steps)
              + " | time to TRL's final acc | ratio to TRL |",
              "|---|---|---|---|---|---|" + "---|" * len(steps) + "---|---|"]
-    for r in sorted(results, key=lambda r: (r["engine"], r["seed"], r["side"] != "trl")):
+    for r in sorted(results, key=lambda r: (r["engine"], r["seed"], run_order(r["name"]))):
         acc = {p["step"]: p["accuracy"] for p in r["curve"]}
         cells = " | ".join(_fmt(acc.get(s), ".1%") for s in steps)
         reach = "not reached" if r["trl_final_accuracy"] is not None and r["time_to_trl_final"] is None else _fmt(r["time_to_trl_final"], ".0f")
@@ -278,24 +308,27 @@ def seed_table(results: list[dict]) -> str:
 
 def mean_table(results: list[dict]) -> tuple[str, list[dict]]:
     rows = []
-    for name in dict.fromkeys(r["name"] for r in sorted(results, key=lambda r: RUNS.index(r["name"]))):
+    for name in dict.fromkeys(r["name"] for r in sorted(results, key=lambda r: run_order(r["name"]))):
         mine = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
         ratios = [r["ratio_to_trl"] for r in mine]
         defined = [x for x in ratios if x is not None]
+        finals = [r["curve"][-1]["accuracy"] for r in mine]
         rows.append({"name": name, "seeds": [r["seed"] for r in mine],
                      "mean_before": statistics.mean(r["curve"][0]["accuracy"] for r in mine),
-                     "mean_final": statistics.mean(r["curve"][-1]["accuracy"] for r in mine),
+                     "mean_final": statistics.mean(finals),
+                     "final_standard_error": statistics.stdev(finals) / len(finals) ** 0.5 if len(finals) > 1 else None,
                      "mean_train_wall_seconds": statistics.mean(r["train_wall_seconds"] for r in mine),
                      "mean_seconds_per_step": statistics.mean(r["train_wall_seconds"] / max(1, r["steps"]) for r in mine),
                      "ratios": ratios, "mean_ratio": statistics.mean(defined) if defined else None,
                      "not_reached": sum(x is None for x in ratios) if mine[0]["side"] == "ours" else 0})
-    lines = ["| run | seeds | mean acc @0 | mean final acc | mean Δ | mean train wall-clock s | mean s/step "
+    lines = ["| run | seeds | mean acc @0 | mean final acc ± s.e. | mean Δ | mean train wall-clock s | mean s/step "
              "| ratio to TRL per seed | mean ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in rows:
         per_seed = ", ".join(_fmt(x, ".2f", "not reached") for x in m["ratios"]) if not m["name"].startswith("trl") else "1 (reference)"
         mean = _fmt(m["mean_ratio"], ".2f") + (f" ({m['not_reached']} not reached)" if m["not_reached"] else "")
-        lines.append(f"| {m['name']} | {','.join(map(str, m['seeds']))} | {m['mean_before']:.1%} | {m['mean_final']:.1%} | "
+        error = "" if m["final_standard_error"] is None else f" ± {100 * m['final_standard_error']:.1f}"
+        lines.append(f"| {m['name']} | {','.join(map(str, m['seeds']))} | {m['mean_before']:.1%} | {m['mean_final']:.1%}{error} | "
                      f"{100 * (m['mean_final'] - m['mean_before']):+.1f} | {m['mean_train_wall_seconds']:.0f} | "
                      f"{m['mean_seconds_per_step']:.2f} | {per_seed} | {mean if not m['name'].startswith('trl') else '—'} |")
     return "\n".join(lines), rows
@@ -320,11 +353,14 @@ def plot(results: list[dict], path: Path) -> None:
 
     engines = sorted({r["engine"] for r in results})
     fig, axes = plt.subplots(1, len(engines), figsize=(6.5 * len(engines), 4.5), squeeze=False)
-    colors = {"trl": "tab:blue", "ours": "tab:orange"}
+    names = sorted({r["name"].rpartition("-")[0] for r in results}, key=lambda n: run_order(n + "-hf"))
+    colors = dict(zip(names, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
     for ax, engine in zip(axes[0], engines):
-        for r in (r for r in results if r["engine"] == engine):
+        for r in sorted((r for r in results if r["engine"] == engine), key=lambda r: (run_order(r["name"]), r["seed"])):
+            run = r["name"].rpartition("-")[0]
+            first = r["seed"] == min(x["seed"] for x in results if x["name"] == r["name"])
             ax.plot([p["wall_seconds"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], "o-", ms=3,
-                    color=colors[r["side"]], alpha=0.8, label=f"{r['name']} seed {r['seed']}")
+                    color=colors.get(run, "tab:gray"), alpha=0.7, label=run if first else None)
         ax.set_title(f"{engine} rollouts on both sides", fontsize=10)
         ax.set_xlabel("training wall-clock (s, evaluation excluded)")
         ax.set_ylabel("held-out greedy accuracy")
@@ -341,7 +377,8 @@ def read_results(out: Path) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=["trl-hf", "ours-hf"], help=f"from {', '.join(RUNS)}")
+    p.add_argument("--runs", nargs="+", default=["trl-hf", "ours-onpolicy-hf", "ours-tis-hf", "ours-seq_is-hf", "ours-retrace-hf"],
+                   help=f"from {', '.join(RUNS)}, or ours-<variant>-<engine> with a variant from {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=None, help="default: the config's max_steps")
     p.add_argument("--eval_every", type=int, default=10)

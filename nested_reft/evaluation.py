@@ -24,12 +24,14 @@ class MathEvalResult:
     temperature: float
     seconds: float
     tokens_per_s: float
+    mean_tokens: float = 0.0  # generated tokens per completion
     by_level: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # a few (prompt, completion, gold, score) rows
+    completions: list = field(default_factory=list)  # every completion, in the dataset's order
 
     def as_dict(self) -> dict:
         """JSON-ready (level keys as strings, as they come back from a JSON file)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "samples"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("samples", "completions")}
         out["by_level"] = {str(k): v for k, v in self.by_level.items()}
         return out
 
@@ -129,6 +131,58 @@ def evaluate_math(model, tokenizer, dataset, *, temperature: float = 0.0, max_ne
         temperature=temperature,
         seconds=seconds,
         tokens_per_s=n_tokens / seconds if seconds > 0 else 0.0,
+        mean_tokens=n_tokens / max(1, len(texts)),
         by_level={k: sum(v) / len(v) for k, v in sorted(levels.items())},
         samples=[(p, t, g, s) for p, t, g, s in list(zip(prompts, texts, golds, scores))[:num_keep]],
+        completions=texts,
+    )
+
+
+@dataclass
+class PassAtKResult:
+    """k samples per problem: the mean sampled accuracy, the fraction solved at least once
+    (pass@k), both per level, and the completions (problem-major: k per problem)."""
+
+    accuracy: float
+    pass_at_k: float
+    k: int
+    n: int
+    temperature: float
+    by_level: dict = field(default_factory=dict)  # level -> {"accuracy", "pass_at_k"}
+    completions: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "completions"}
+        out["by_level"] = {str(k): v for k, v in self.by_level.items()}
+        return out
+
+
+def evaluate_pass_at_k(model, tokenizer, dataset, *, k: int = 16, temperature: float = 1.0,
+                       max_new_tokens: int = 128, batch_size: int = 256, seed: int = 0,
+                       progress: bool = False) -> PassAtKResult:
+    """Sample `k` completions per row (`prompt`, `solution`, optional `level`) and score them: what
+    GRPO's groups of k see. pass@k is exact for n = k samples (solved by at least one)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    if temperature <= 0:
+        raise ValueError(f"pass@k samples: temperature must be > 0, got {temperature!r}")
+    prompts = [row["prompt"] for row in dataset for _ in range(k)]
+    golds = [row["solution"] for row in dataset for _ in range(k)]
+    texts, _ = generate_completions(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, seed=seed, progress=progress, desc=f"pass@{k} (T={temperature:g})")
+    scores = accuracy_reward(texts, golds)
+    per_problem = [scores[i * k : (i + 1) * k] for i in range(len(dataset))]
+    levels = defaultdict(list)
+    for row, s in zip(dataset, per_problem):
+        if row.get("level") is not None:
+            levels[row["level"]].append(s)
+
+    def summary(groups):
+        return sum(sum(g) / k for g in groups) / max(1, len(groups)), sum(max(g) > 0 for g in groups) / max(1, len(groups))
+
+    accuracy, solved = summary(per_problem)
+    return PassAtKResult(
+        accuracy=accuracy, pass_at_k=solved, k=k, n=len(per_problem), temperature=temperature,
+        by_level={lv: dict(zip(("accuracy", "pass_at_k"), summary(g))) for lv, g in sorted(levels.items())},
+        completions=texts,
     )

@@ -72,8 +72,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 PANELS = (
-    ("reward", ("reward",), "mean reward"),
     ("accuracy", ("rewards/accuracy_reward/mean", "heldout/accuracy"), "accuracy"),
+    ("length", ("completions/mean_length",), "mean completion length (tokens)"),
     ("ess", ("correction/ess",), "effective sample size"),
     ("tokens/s", ("rollout/behavior_tokens_per_s", "rollout/probe_behavior_tokens_per_s",
                   "rollout/full_tokens_per_s"), "rollout tokens/s"),
@@ -81,14 +81,15 @@ PANELS = (
 
 
 LABELS = {"rewards/accuracy_reward/mean": "train (sampled)", "heldout/accuracy": "held-out greedy",
+          "completions/mean_length": "sampled completions",
           "rollout/behavior_tokens_per_s": "behavior (rounds)",
           "rollout/probe_behavior_tokens_per_s": "behavior (probe)", "rollout/full_tokens_per_s": "full (probe)"}
 
 
 def plot_training(rows: list[dict], out_png: str | Path, title: str = "", evals: dict | None = None,
                   panels=PANELS, eval_panel: str = "accuracy", eval_label: str = "held-out greedy") -> Path:
-    """Curves over steps, one panel per (name, metric keys, y label); by default reward, sampled
-    accuracy, ESS and behavior vs full-model tokens/s. `evals` ({label: (step, value)}) are drawn
+    """Curves over steps, one panel per (name, metric keys, y label); by default accuracy (sampled
+    in training, held-out greedy), completion length, ESS and behavior vs full-model tokens/s. `evals` ({label: (step, value)}) are drawn
     as stars on the panel named `eval_panel`."""
     import matplotlib
 

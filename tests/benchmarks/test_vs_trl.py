@@ -18,10 +18,14 @@ def result(name, seed, points, wall=100.0, steps=60):
 
 def test_parse_run():
     assert vs_trl.parse_run("trl-vllm") == ("trl", "vllm")
-    assert vs_trl.parse_run("ours-hf") == ("ours", "hf")
-    for bad in ("trl", "ours-sglang", "skip0.25"):
+    assert vs_trl.parse_run("ours-hf") == ("ours", "hf") and vs_trl.run_variant("ours-hf") is None
+    assert vs_trl.parse_run("ours-seq_is-vllm") == ("ours", "vllm") and vs_trl.run_variant("ours-seq_is-vllm") == "seq_is"
+    assert vs_trl.run_variant("ours-onpolicy-hf") == "onpolicy"
+    for bad in ("trl", "ours-sglang", "skip0.25", "trl-tis-hf", "ours-ppo-hf", "ours--hf"):
         with pytest.raises(ValueError, match="expected one of"):
             vs_trl.parse_run(bad)
+    names = ["ours-retrace-hf", "ours-hf", "trl-hf", "ours-onpolicy-hf", "ours-tis-hf"]
+    assert sorted(names, key=vs_trl.run_order) == ["trl-hf", "ours-hf", "ours-onpolicy-hf", "ours-tis-hf", "ours-retrace-hf"]
 
 
 def test_time_to_reach_ignores_step_zero():
@@ -58,7 +62,8 @@ def test_tables_and_means():
     assert ours["ratios"] == [0.5, None, 0.5]
     assert ours["mean_ratio"] == 0.5 and ours["not_reached"] == 1
     assert ours["mean_final"] == pytest.approx((0.3 + 0.3 + 0.35) / 3)
-    assert "| ours-hf | 0,1,2 | 20.0% | 31.7% | +11.7 | 100 | 1.67 | 0.50, not reached, 0.50 | 0.50 (1 not reached) |" in md
+    assert ours["final_standard_error"] == pytest.approx(0.05 / 3)  # sample s.d. / sqrt(n)
+    assert "| ours-hf | 0,1,2 | 20.0% | 31.7% ± 1.7 | +11.7 | 100 | 1.67 | 0.50, not reached, 0.50 | 0.50 (1 not reached) |" in md
     rows = vs_trl.seed_table(results).splitlines()
     assert rows[0].startswith("| seed | run | steps |") and "acc @0 | acc @10" in rows[0]
     assert "| 1 | ours-hf | 60 | 2 | 100 | 1.67 | 20.0% | 30.0% | not reached | — |" in rows

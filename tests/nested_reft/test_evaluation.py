@@ -62,3 +62,32 @@ def test_greedy_is_argmax_whatever_the_checkpoint_generation_config_asks(small_q
         raw = penalised.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=chat_tokenizer.pad_token_id)
     assert chat_tokenizer.batch_decode(raw[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) != reference
     assert penalised.generation_config.repetition_penalty == 3.0  # the checkpoint's config is restored
+
+
+def test_pass_at_k_counts_problems_solved_by_any_of_k_samples(monkeypatch):
+    """k completions per problem, problem-major: accuracy is the mean over all, pass@k the share of
+    problems with at least one right, both per level."""
+    import pytest
+    from datasets import Dataset
+
+    from nested_reft import evaluation
+
+    rows = Dataset.from_list([{"prompt": "a", "solution": "1", "level": 1}, {"prompt": "b", "solution": "2", "level": 1},
+                              {"prompt": "c", "solution": "3", "level": 2}])
+    answers = ["\\boxed{1}", "\\boxed{0}", "\\boxed{0}",   # a: 1 of 3
+               "\\boxed{0}", "\\boxed{0}", "\\boxed{0}",   # b: none
+               "\\boxed{3}", "\\boxed{3}", "\\boxed{3}"]   # c: all
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return [f"<think>x</think>{a}" for a in answers], 0
+
+    monkeypatch.setattr(evaluation, "generate_completions", fake_generate)
+    r = evaluation.evaluate_pass_at_k(None, None, rows, k=3)
+    assert seen["prompts"] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert r.accuracy == pytest.approx((1 / 3 + 0 + 1) / 3) and r.pass_at_k == pytest.approx(2 / 3)
+    assert r.by_level[1] == {"accuracy": pytest.approx(1 / 6), "pass_at_k": 0.5}
+    assert r.by_level[2] == {"accuracy": 1.0, "pass_at_k": 1.0}
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        evaluation.evaluate_pass_at_k(None, None, rows, k=3, temperature=0)
