@@ -170,7 +170,8 @@ def generate_vllm(model_path: str, prompts: list, decoding: dict, max_new_tokens
 
 def direction_rows(args, direction, selector) -> list[dict]:
     if args.toy:
-        return toy_rows("test", args.limit, seed=args.seed, selector=selector, system_prompt=toy_system_prompt(args))
+        return toy_rows("test", args.limit, seed=args.seed, selector=selector, system_prompt=toy_system_prompt(args),
+                        instruction=args.toy_instruction)
     rows = load_flores(args.flores_dir, direction, args.split, limit=args.limit)
     return prompt_rows(rows, selector, args)
 
@@ -250,6 +251,7 @@ class EvaluateTranslationArguments:
     pivot: str = field(default="en", metadata={"help": "Pivot of the xx-en / en-xx / both presets."})
     seen_languages: str = field(default=",".join(PAPER_SEEN_LANGUAGES), metadata={"help": "Languages of the training data: a direction between two of them is 'seen' (default: the released data's six)."})
     toy: bool = field(default=False, metadata={"help": "Evaluate on the Toylang test split (en-qtl) instead of Flores."})
+    toy_instruction: bool = field(default=True, metadata={"help": "Toylang prompts carry the template's condensed instruction; false for a model trained without it (the toy demo's configs: toy_instruction false)."})
     split: str = field(default="devtest", metadata={"help": "Flores split: dev or devtest."})
     limit: int | None = field(default=None, metadata={"help": "At most this many sentences per direction."})
     prompt_style: str = field(default="authors", metadata={"help": f"Prompts of real data: one of {PROMPT_STYLES} (see recipes.translation_common).", "choices": list(PROMPT_STYLES)})

@@ -240,3 +240,19 @@ def test_sft_reads_the_authors_corpus_and_ours_with_the_same_turn_layout(tmp_pat
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
     assert row["prompt"][1]["content"].startswith("Please translate the following German Source sentence into English.")
     assert row["completion"][0]["content"] == format_completion("c", EN[0])
+
+
+def test_evaluate_translation_prompts_the_toy_test_split_as_the_model_was_trained():
+    from types import SimpleNamespace
+
+    from r1t1.templates import TemplateSelector
+    from r1t1.toy import toy_rows
+
+    def prompts(instruction):
+        args = SimpleNamespace(toy=True, limit=3, seed=0, system_prompt="", toy_instruction=instruction)
+        return [r["prompt"] for r in evaluate_translation.direction_rows(args, None, TemplateSelector("fixed"))]
+
+    # without the instruction the prompt is what training without it saw: a different, shorter user turn
+    bare = prompts(False)
+    assert bare == [r["prompt"] for r in toy_rows("test", 3, seed=0, system_prompt=None, instruction=False)]
+    assert all(len(b[-1]["content"]) < len(w[-1]["content"]) for b, w in zip(bare, prompts(True)))
