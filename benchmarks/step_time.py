@@ -1,6 +1,6 @@
 """Seconds per optimizer step of the embedded default, on-policy against layer-skipped rollouts.
 
-    python -m benchmarks.step_time [--configs skip0 skip0.125 skip0.25 skip0.125:rescore]
+    python -m benchmarks.step_time [--configs skip0 skip0.25 skip0:fixed skip0.25:fixed skip0.25:rescore]
                                    [--rounds 3] [--warmup_rounds 1] [--repeats 1] [--threads 1]
                                    [--out outputs/benchmarks/step_time]
 
@@ -225,7 +225,7 @@ def rounds_table(runs: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["skip0", "skip0.125", "skip0.25", "skip0.125:rescore"])
+    p.add_argument("--configs", nargs="+", default=["skip0", "skip0.25", "skip0:fixed", "skip0.25:fixed", "skip0.25:rescore"])
     p.add_argument("--rounds", type=int, default=3, help="timed generation rounds per run")
     p.add_argument("--warmup_rounds", type=int, default=1, help="untimed generation rounds first")
     p.add_argument("--repeats", type=int, default=1, help="passes over --configs, alternating order")

@@ -107,7 +107,8 @@ def synthetic_rows(split: str, system_prompt: str = SYSTEM_PROMPT, n: int | None
     """Rows of the embedded synthetic arithmetic set (split 'train' or 'test').
 
     n defaults to SYNTHETIC_SIZES[split]; test problems never repeat a key. `levels`: a subset of
-    the five levels, mixed in the task's relative weights (LEVEL_WEIGHTS); default all of them.
+    the five levels, mixed in the task's relative weights (LEVEL_WEIGHTS) when the task draws each
+    of them, evenly otherwise; default the task's own mix.
     """
     if split not in SYNTHETIC_SIZES:
         raise ValueError(f"synthetic split must be one of {sorted(SYNTHETIC_SIZES)}, got {split!r}")
@@ -117,6 +118,8 @@ def synthetic_rows(split: str, system_prompt: str = SYSTEM_PROMPT, n: int | None
     if bad:
         raise ValueError(f"unknown synthetic levels {bad}; levels are {LEVELS}")
     weights = tuple(LEVEL_WEIGHTS[LEVELS.index(lv)] for lv in levels)
+    if not all(weights):  # a level the task's own mix leaves out: draw the asked levels evenly
+        weights = None
     problems = generate_problems(size, split, seed, levels=levels, level_weights=weights, unique=split == "test")
     return [
         {"prompt": as_chat(p, system_prompt), "solution": p.answer, "level": p.level, "key": p.key}

@@ -161,14 +161,19 @@ def main(argv=None) -> dict:
     if not main_process:  # the files and the table are the main process's (its summary has the means)
         return summary
     run.write_summary(summary)
-    plot_training(rows, out / "training.png",
+    # the held-out curve runs from the evaluation before training to the one after it
+    steps = trainer.state.global_step
+    curve = ([{"step": 0, "heldout/accuracy": before["accuracy"]}] + rows
+             + [{"step": steps, "heldout/accuracy": after["accuracy"]}])
+    plot_training(curve, out / "training.png",
                   title=f"Nested-ReFT: skip_ratio={training_args.skip_ratio}, correction={training_args.correction}",
-                  evals={"before": (0, before["accuracy"]), "after": (trainer.state.global_step, after["accuracy"])})
+                  evals={"before": (0, before["accuracy"]), "after": (steps, after["accuracy"])})
 
-    print("\n| | held-out greedy accuracy | format |")
-    print("|---|---|---|")
-    print(f"| before | {before['accuracy']:.1%} | {before['format_rate']:.1%} |")
-    print(f"| after {trainer.state.global_step} steps | {after['accuracy']:.1%} | {after['format_rate']:.1%} |")
+    print("\n| | held-out greedy accuracy | format | completion tokens |")
+    print("|---|---|---|---|")
+    print(f"| before | {before['accuracy']:.1%} | {before['format_rate']:.1%} | {before.get('mean_tokens', float('nan')):.1f} |")
+    print(f"| after {trainer.state.global_step} steps | {after['accuracy']:.1%} | {after['format_rate']:.1%} | "
+          f"{after['mean_tokens']:.1f} |")
     print(f"\nengine {training_args.engine}, skip_ratio {training_args.skip_ratio}, correction {training_args.correction}: "
           f"{summary['seconds_per_step']:.1f} s/step, mean ESS {summary['mean_ess']:.3f}, rollout tokens/s "
           f"{summary['behavior_tokens_per_s']:.0f} in rounds; fixed-length probe: behavior "

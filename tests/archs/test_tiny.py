@@ -20,7 +20,12 @@ from archs.tiny import (
 )
 from archs.tiny.build import BUILD_THREADS, pinned_environment
 from archs.tiny.math_task import (
+    LEVEL_WEIGHTS,
     LEVELS,
+    MathProblem,
+    column_steps,
+    drill_text,
+    is_quick,
     make_problem,
     worked_add,
     worked_div,
@@ -31,11 +36,12 @@ from archs.tiny.tokenizer import render_chat
 
 
 def test_worked_solutions_spell_out_each_column():
-    assert worked_add(47, 38) == "47+38: 7+8=15 c1; 4+3+1=8 =85"
-    assert worked_add(999, 1) == "999+1: 9+1=10 c1; 9+0+1=10 c1; 9+0+1=10 c1 =1000"
-    assert worked_sub(52, 27) == "52-27: 2-7 b1 12-7=5; 5-1-2=2 =25"
-    assert worked_mul(3, 47) == "3*47: 3*7=21 c2; 3*4+2=14 c1 =141"
-    assert worked_div(72, 3) == "72/3: 7/3=2 r1; 12/3=4 r0 =24"
+    assert worked_add(47, 38) == "47+38: 7+8=15 c1 so 5; 4+3+1=8 so 85 =85"
+    assert worked_add(999, 1) == "999+1: 9+1=10 c1 so 0; 9+0+1=10 c1 so 00; 9+0+1=10 c1 so 000 =1000"
+    assert worked_sub(52, 27) == "52-27: 2-7 b1 12-7=5 so 5; 5-1-2=2 so 25 =25"
+    assert worked_sub(30, 25) == "30-25: 0-5 b1 10-5=5 so 5; 3-1-2=0 so 05 =5"
+    assert worked_mul(3, 47) == "3*47: 3*7=21 c2 so 1; 3*4+2=14 c1 so 41 =141"
+    assert worked_div(72, 3) == "72/3: 7/3=2 r1 so 2; 12/3=4 r0 so 24 =24"
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -52,6 +58,51 @@ def test_every_problem_states_its_gold_answer_and_its_arithmetic_is_right(level)
         assert int(p.answer) >= 0
 
 
+def test_every_problem_has_a_quick_answer_with_the_same_gold():
+    rng = random.Random(0)
+    for level in LEVELS:
+        p = make_problem(level, rng)
+        assert p.quick_solution == "<think>quick</think>\\boxed{" + p.answer + "}"
+        assert is_quick(p.quick_solution) and not is_quick(p.solution)
+    assert not is_quick("<think>quickly: 4+5=9 =9</think>\\boxed{9}")
+
+
+def test_drills_are_the_column_steps_of_training_problems():
+    two_steps = MathProblem("q", "74", f"<think>{worked_add(67, 12)} | {worked_sub(79, 5)}</think>\\boxed{{74}}", 5, "k")
+    assert column_steps(two_steps) == ["7+2=9", "6+1=7", "9-5=4", "7-0=7"]
+    assert column_steps(MathProblem("q", "24", f"<think>{worked_div(72, 3)}</think>", 3, "k")) == ["7/3=2 r1", "12/3=4 r0"]
+    text = drill_text(random.Random(0), 30, levels=(1, 2, 3), level_weights=(0.2, 0.4, 0.4))
+    steps = text.split("; ")
+    assert len(steps) == 30
+    for step in steps:  # every drilled fact is true; no operand header, no final result
+        expr, _, result = step.partition("=")
+        expr = expr.split(" b1 ")[-1]  # "2-7 b1 12-7" states the borrow, then the fact
+        assert ":" not in step and eval(expr.replace("/", "//")) == int(result.split()[0]), step
+
+
+def test_drill_rows_train_only_on_what_follows_each_equals_sign(chat_tokenizer):
+    from archs.tiny.build import _drill_rows
+
+    recipe = TinyMathRecipe(drill_batch=3, drill_steps=6)
+    for ids, labels in _drill_rows(chat_tokenizer, recipe, random.Random(1)):
+        text = chat_tokenizer.decode(ids)
+        trained = "".join(chat_tokenizer.decode([i]) if lab != -100 else "|" for i, lab in zip(ids, labels))
+        results = [step.split("=", 1)[1] for step in text.split("; ")]
+        assert [r for r in trained.split("|") if r] == results, (text, trained)
+
+
+def test_warm_up_replies_are_careful_then_mixed_at_the_recipe_fraction():
+    from archs.tiny.build import _replies
+
+    recipe = TinyMathRecipe(steps=100, careful_only=0.6, careful_fraction=0.4)
+    careful, quick = list(range(1000)), list(range(1000, 2000))
+    rng = random.Random(0)
+    assert _replies(recipe, rng, 59, list(range(1000)), careful, quick) == careful
+    mixed = _replies(recipe, rng, 60, list(range(1000)), careful, quick)
+    assert all(m in (i, 1000 + i) for i, m in enumerate(mixed))
+    assert 0.35 < sum(m < 1000 for m in mixed) / 1000 < 0.45
+
+
 def test_train_and_test_sets_are_disjoint_and_deterministic():
     train = generate_problems(3000, "train", seed=0)
     test = generate_problems(300, "test", seed=0, unique=True)
@@ -59,7 +110,7 @@ def test_train_and_test_sets_are_disjoint_and_deterministic():
     assert len({p.question for p in test}) == 300
     assert generate_problems(50, "test", seed=0, unique=True) == test[:50]
     assert generate_problems(50, "train", seed=1) != train[:50]
-    assert {p.level for p in test} == set(LEVELS)
+    assert {p.level for p in test} == {lv for lv, w in zip(LEVELS, LEVEL_WEIGHTS) if w > 0} == {1, 2, 3}
 
 
 def test_bad_arguments_name_the_value():
@@ -81,7 +132,7 @@ def small_build(tmp_path_factory):
 def test_build_saves_a_loadable_qwen2_model_with_a_chat_tokenizer(small_build):
     _, path = small_build
     model, tok = load_tiny_math_model(path)
-    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 8
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == SMALL.num_layers == 12
     assert model.config.hidden_size // model.config.num_attention_heads >= 32  # vLLM's minimum
     info = json.loads((path / "build_info.json").read_text())
     assert info["seed"] == 0 and info["recipe"]["steps"] == 3

@@ -306,6 +306,8 @@ def test_synthetic_levels_select_the_task_mix():
     assert load_math_dataset("synthetic", "test", levels=(1, 2, 3, 4, 5))["prompt"] == full["prompt"]  # the default
     easy = load_math_dataset("synthetic", "train", levels=(1, 2), limit=2000)
     counts = Counter(easy["level"])
-    assert set(counts) == {1, 2} and 1.0 < counts[1] / counts[2] < 1.45  # the task's 0.30 : 0.25
+    assert set(counts) == {1, 2} and 0.42 < counts[1] / counts[2] < 0.58  # the task's 0.2 : 0.4
+    hard = Counter(load_math_dataset("synthetic", "train", levels=(4, 5), limit=2000)["level"])
+    assert set(hard) == {4, 5} and 0.85 < hard[4] / hard[5] < 1.15  # weight 0 in the task's mix: drawn evenly
     with pytest.raises(ValueError, match=r"unknown synthetic levels \[7\]"):
         load_math_dataset("synthetic", "train", levels=(1, 7))
