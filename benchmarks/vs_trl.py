@@ -6,7 +6,8 @@
 
 Like for like: `-hf` runs sample with Hugging Face `generate()` on both sides (TRL `use_vllm=False`,
 ours `engine=hf`); `-vllm` runs with a colocated, in-process vLLM on both sides, eager on both
-(ours always passes `enforce_eager=True`; TRL's is started the same way by the shim below). The
+(ours is the eager run-time-skip `VLLMEngine`, `vllm_compile: false`; TRL's is started eager by the
+shim below; a compiled pair on both sides is future work of the compiled engine). The
 hyper-parameters are those of recipes/configs/math_reft_tiny.yaml (the step budget is its
 `max_steps` unless --max_steps is given); `ours-<engine>` keeps the config's skip ratio and correction
 (and its `filter_groups`, which TRL does not have), `ours-onpolicy-<engine>` skips nothing, and
@@ -146,8 +147,8 @@ def reloading_vllm_generation(dtype: str):
 
 
 def ours_vllm_engine(targs, model, tokenizer):
-    """The `VLLMEngine` that `build_engine` makes for `targs`, started with `VLLM_START` (eager is
-    always on in our engine; chunked prefill off, see above). EOS ids as TRL's trainer derives them."""
+    """The eager `VLLMEngine` that `build_engine` makes for `targs` with `vllm_compile: false`, started
+    with `VLLM_START` (chunked prefill off, see above). EOS ids as TRL's trainer derives them."""
     from nested_reft.engines.factory import model_source
     from nested_reft.engines.vllm_engine import VLLMEngine
 

@@ -216,6 +216,8 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         if mode == "train" and self.accelerator.num_processes > 1:
             self._check_same_skip_on_all_ranks(skip)
         self.engine.set_skip(skip)
+        if hasattr(self.engine, "last_load_seconds"):  # the compiled engine: this round's weights into its slots
+            self._metrics[mode]["rollout/weight_load_seconds"].append(self.engine.last_load_seconds)
         self._round_skip = skip
         self._round_open, self._turn = True, 0
         self._round_stats = {"tokens": 0, "generate_seconds": 0.0, "logprob_seconds": 0.0}

@@ -199,9 +199,11 @@ def main(argv=None) -> dict:
 class StockVLLM:
     """vLLM's own model class for the architecture (no skip support), started with the settings
     `VLLMEngine` uses (in-process, eager, no prefix cache, processed log-probs), so that the two
-    differ only in the model class. `generate` returns `Rollouts` like the engines."""
+    differ only in the model class (`enforce_eager=False`: compiled, as `CompiledVLLMEngine`
+    runs). `generate` returns `Rollouts` like the engines."""
 
-    def __init__(self, path: str, *, dtype: str, seed: int, max_model_len: int, max_num_seqs: int, cpu_kvcache_gib: int):
+    def __init__(self, path: str, *, dtype: str, seed: int, max_model_len: int, max_num_seqs: int, cpu_kvcache_gib: int,
+                 enforce_eager: bool = True):
         from vllm import LLM
 
         from nested_reft.engines.vllm_engine import _environ
@@ -213,7 +215,7 @@ class StockVLLM:
             from vllm import envs
 
             envs.disable_envs_cache()
-            self.llm = LLM(model=path, dtype=dtype, enforce_eager=True, seed=seed, enable_prefix_caching=False,
+            self.llm = LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, seed=seed, enable_prefix_caching=False,
                            logprobs_mode="processed_logprobs", max_model_len=max_model_len, max_num_seqs=max_num_seqs)
 
     def generate(self, prompts, sampling, *, ignore_eos: bool = True):

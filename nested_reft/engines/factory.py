@@ -50,12 +50,14 @@ def build_engine(args, policy: nn.Module, tokenizer, eos_token_ids) -> RolloutEn
                         score_logprobs=score, cache_implementation=getattr(args, "cache_implementation", None),
                         compact_every=getattr(args, "rollout_compact_every", 0))
     if args.engine == "vllm":
+        from .vllm_compiled import CompiledVLLMEngine
         from .vllm_engine import VLLMEngine
 
         dtype = args.vllm_dtype
         if dtype == "auto":
             dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
-        return VLLMEngine(
+        engine_class = CompiledVLLMEngine if getattr(args, "vllm_compile", False) else VLLMEngine
+        return engine_class(
             model_source(policy), eos_token_ids=eos_token_ids, dtype=dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=args.vllm_max_model_length,

@@ -74,8 +74,10 @@ def rollouts_from_outputs(outputs, logprobs: bool, skip, seconds: float) -> Roll
 class VLLMEngine(RolloutEngine):
     """A vLLM `LLM` serving the skip-aware twin of `model_path`.
 
-    `dtype` float32 reproduces the trainer's numbers (tests); `enforce_eager` is always on (the
-    skip set is read at run time). `enable_sleep_mode` needs a GPU platform that supports it:
+    `dtype` float32 reproduces the trainer's numbers (tests); `enforce_eager` stays on for the
+    run-time-skip class (it reads the skip set at every forward); the compiled engine
+    (`CompiledVLLMEngine`) starts this class with its compact model and `enforce_eager=False`.
+    `enable_sleep_mode` needs a GPU platform that supports it:
     asking for it elsewhere is an error, not a silent no-op. On CPU, `cpu_kvcache_gib` sets
     `VLLM_CPU_KVCACHE_SPACE`; `multiprocessing` sets `VLLM_ENABLE_V1_MULTIPROCESSING` (None:
     vLLM's default, a separate engine process).
@@ -86,9 +88,14 @@ class VLLMEngine(RolloutEngine):
                  max_model_len: int | None = None, max_num_seqs: int | None = None, seed: int = 0,
                  enable_sleep_mode: bool = False, enable_prefix_caching: bool = False,
                  score_logprobs: bool = True, multiprocessing: bool | None = None,
-                 cpu_kvcache_gib: int | None = None, revision: str | None = None, **llm_kwargs):
+                 cpu_kvcache_gib: int | None = None, revision: str | None = None,
+                 architecture: str | None = None, hf_overrides: dict | None = None, enforce_eager: bool = True,
+                 **llm_kwargs):
         check_vllm_version()
-        arch = skip_architecture(checkpoint_architectures(model_path, revision))  # before vLLM starts
+        # before vLLM starts; the compiled engine (vllm_compiled.py) passes its compact class and config
+        arch = architecture or skip_architecture(checkpoint_architectures(model_path, revision))
+        self.hf_overrides = {"architectures": [arch], **(hf_overrides or {})}
+        self.enforce_eager = enforce_eager
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         if tensor_parallel_size < 1:
@@ -110,6 +117,8 @@ class VLLMEngine(RolloutEngine):
         self.score_logprobs = score_logprobs
         info = self.llm.collective_rpc("nested_reft_info")[0]
         self.num_layers = info["num_layers"]
+        self.compact = info["compact"]  # holds only the kept layers (`info["slots"]` of them)
+        self.slots = info["slots"]
         self.last_sync_seconds = 0.0
         logger.info("vLLM engine up in %.1f s: %s (%d layers), %s", self.start_seconds, info["model_class"],
                     self.num_layers, "in-process" if self.in_process else "engine process")
@@ -136,8 +145,8 @@ class VLLMEngine(RolloutEngine):
             llm_kwargs = {**llm_kwargs, "enable_chunked_prefill": False}
         start = time.perf_counter()
         self.llm = LLM(
-            model=model_path, revision=revision, dtype=dtype, enforce_eager=True,
-            hf_overrides={"architectures": [arch]}, worker_extension_cls=WORKER_EXTENSION,
+            model=model_path, revision=revision, dtype=dtype, enforce_eager=self.enforce_eager,
+            hf_overrides=self.hf_overrides, worker_extension_cls=WORKER_EXTENSION,
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, seed=seed, logprobs_mode="processed_logprobs",
             enable_prefix_caching=enable_prefix_caching, enable_sleep_mode=enable_sleep_mode,
@@ -154,6 +163,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"layer indices {bad} are out of range for a model with {self.num_layers} layers")
         if skip == self.skip:
             return
+        if self.compact:
+            raise TypeError("this instance serves a compact model: change its layers with set_kept")
         self.llm.collective_rpc("nested_reft_set_skip", args=(list(skip),))
         if self.enable_prefix_caching:  # cached prefixes were computed with another skip set
             self.llm.reset_prefix_cache()
@@ -162,9 +173,15 @@ class VLLMEngine(RolloutEngine):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy trainer tensors (Hugging Face names) into every worker's model, in place; timed."""
         start = time.perf_counter()
+        self.send_weights("nested_reft_load_weights", named_tensors)
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def send_weights(self, method: str, named_tensors, *args):
+        """Call the worker method `method(*args, weights)` with checkpoint-named tensors: passed as
+        they are in-process, through a safetensors file in shared memory otherwise."""
         named = [(n, t.detach().to("cpu" if not self.in_process else t.device).contiguous()) for n, t in named_tensors]
         if self.in_process:
-            self.llm.collective_rpc("nested_reft_load_weights", args=(named,))
+            out = self.llm.collective_rpc(method, args=(*args, named))
         else:  # RPC arguments are serialised: hand the workers a safetensors file in shared memory
             from safetensors.torch import save_file
 
@@ -172,10 +189,10 @@ class VLLMEngine(RolloutEngine):
 
             with weights_file(worker_weights_dir()) as path:  # the folder the workers read; removed on SIGTERM too
                 save_file(dict(named), path)
-                self.llm.collective_rpc("nested_reft_load_weights", args=(path,))
+                out = self.llm.collective_rpc(method, args=(*args, path))
         if self.enable_prefix_caching:
             self.llm.reset_prefix_cache()
-        self.last_sync_seconds = time.perf_counter() - start
+        return out
 
     # ------------------------------------------------------------------ sampling
 

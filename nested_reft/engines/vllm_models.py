@@ -1,4 +1,15 @@
-"""Skip-aware vLLM causal LMs: Llama, Qwen2, Qwen3 and Mistral with a run-time set of skipped layers.
+"""Skip-aware vLLM causal LMs: Llama, Qwen2, Qwen3 and Mistral with a run-time set of skipped layers,
+in two forms.
+
+**Compact** (`Compact*ForCausalLM`, compiled): the model has only the L − k kept decoder layers
+(`num_hidden_layers` = L − k in its config) and is compiled like any stock model: its forward has no
+skip test at all. Slot j holds the j-th kept layer; `load_weights` renames `model.layers.<i>.` to
+`model.layers.<slot of i>.` and drops the tensors of layers that are not kept, so the checkpoint,
+the trainer's weight syncs and a change of the skip set all go through vLLM's own weight loading
+(in place: `reload_weights` copies into the tensors the compiled graph holds). A new skip set of
+the same size is new weights in some slots, nothing else.
+
+**Run-time skip** (`Skip*ForCausalLM`, eager):
 
 Each class subclasses vLLM's own model and changes one thing: every decoder layer's `forward`
 first asks whether its index is in `self.nested_reft_skip`; a skipped layer returns its inputs
@@ -14,6 +25,8 @@ Imported only inside vLLM processes (the plugin registers these classes lazily, 
 """
 
 from __future__ import annotations
+
+import re
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -76,3 +89,74 @@ class SkipMistralForCausalLM(_SkipAware, MistralForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._install_skip()
+
+
+# ---------------------------------------------------------------------- compact (compiled) models
+
+LAYER_NAME = re.compile(r"^(model\.layers\.)(\d+)(\..+)$")
+
+
+class _Compact:
+    """Mixin: the model holds `len(nested_reft_kept)` decoder layers; slot j is layer kept[j] of the
+    checkpoint's `nested_reft_num_layers`. Both come from the config (hf_overrides at start)."""
+
+    def _install_slots(self, config) -> None:
+        self.nested_reft_full_layers = int(config.nested_reft_num_layers)
+        self.nested_reft_kept: tuple[int, ...] = ()
+        self.set_kept(config.nested_reft_kept)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.nested_reft_full_layers
+
+    @property
+    def nested_reft_skip(self) -> frozenset[int]:
+        return frozenset(range(self.nested_reft_full_layers)) - set(self.nested_reft_kept)
+
+    def set_kept(self, kept) -> list[int]:
+        """Assign layers to slots (sorted); returns the layers that moved into a slot (their weights
+        must be loaded next). The caller loads them before the next forward."""
+        kept = tuple(sorted(int(i) for i in kept))
+        slots, n = len(self.model.layers), self.nested_reft_full_layers
+        if len(kept) != slots or len(set(kept)) != slots or not all(0 <= i < n for i in kept):
+            raise ValueError(f"this compact engine holds {slots} of {n} layers; got kept layers {list(kept)}")
+        old = self.nested_reft_kept
+        self.nested_reft_kept = kept
+        return [layer for j, layer in enumerate(kept) if j >= len(old) or old[j] != layer]
+
+    def load_weights(self, weights):
+        slot_of = {layer: slot for slot, layer in enumerate(self.nested_reft_kept)}
+
+        def to_slots():
+            for name, tensor in weights:
+                match = LAYER_NAME.match(name)
+                if match is None:
+                    yield name, tensor
+                elif int(match.group(2)) in slot_of:  # a skipped layer's tensors have no slot
+                    yield f"{match.group(1)}{slot_of[int(match.group(2))]}{match.group(3)}", tensor
+
+        return super().load_weights(to_slots())
+
+
+class CompactLlamaForCausalLM(_Compact, LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_slots(vllm_config.model_config.hf_config)
+
+
+class CompactQwen2ForCausalLM(_Compact, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_slots(vllm_config.model_config.hf_config)
+
+
+class CompactQwen3ForCausalLM(_Compact, Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_slots(vllm_config.model_config.hf_config)
+
+
+class CompactMistralForCausalLM(_Compact, MistralForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_slots(vllm_config.model_config.hf_config)

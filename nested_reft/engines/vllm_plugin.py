@@ -1,4 +1,5 @@
-"""vLLM plugin (entry point `vllm.general_plugins`): registers the skip-aware architectures.
+"""vLLM plugin (entry point `vllm.general_plugins`): registers the skip-aware architectures (the
+compact compiled ones and the eager run-time-skip ones, `vllm_models.py`).
 
 vLLM loads general plugins in every process it starts (engine core, workers), which is what a
 spawned worker needs; registering in the parent process alone is not enough. Registration is by
@@ -16,6 +17,8 @@ SKIP_ARCHITECTURES = {
     "Qwen3ForCausalLM": "SkipQwen3ForCausalLM",
     "MistralForCausalLM": "SkipMistralForCausalLM",
 }
+# ... and to our compact class (compiled; holds only the kept layers).
+COMPACT_ARCHITECTURES = {arch: "Compact" + arch for arch in SKIP_ARCHITECTURES}
 MODULE = "nested_reft.engines.vllm_models"
 
 # The vLLM releases the engines were tested with. They rely on vLLM internals (in-place
@@ -58,10 +61,23 @@ def skip_architecture(architectures) -> str:
     )
 
 
+def compact_architecture(architectures) -> str:
+    """The compact (compiled) class for a checkpoint's `architectures` list; a clear error otherwise."""
+    names = [architectures] if isinstance(architectures, str) else list(architectures or [])
+    for name in names:
+        if name in COMPACT_ARCHITECTURES:
+            return COMPACT_ARCHITECTURES[name]
+        if name in COMPACT_ARCHITECTURES.values():
+            return name
+    raise ValueError(
+        f"no compact vLLM model for architectures {names!r}; supported: {sorted(COMPACT_ARCHITECTURES)}"
+    )
+
+
 def register() -> None:
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
-    for ours in SKIP_ARCHITECTURES.values():
+    for ours in (*SKIP_ARCHITECTURES.values(), *COMPACT_ARCHITECTURES.values()):
         if ours not in supported:
             ModelRegistry.register_model(ours, f"{MODULE}:{ours}")

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 # sent keep their values (tests/nested_reft/test_vllm_engine.py checks it).
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                    "vllm.model_executor.model_loader.reload.inplace")
+
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 WEIGHTS_DIR_ENV = "NESTED_REFT_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -65,7 +68,7 @@ def allowed_file(path: str, kind: tuple[str, str]) -> str:
 class NestedReFTWorkerExtension:
     def _skip_model(self):
         model = self.model_runner.get_model()
-        if not hasattr(model, "set_skip"):
+        if not (hasattr(model, "set_skip") or hasattr(model, "set_kept")):
             raise TypeError(
                 f"the served model {type(model).__name__} is not skip-aware; build the LLM with "
                 "hf_overrides={'architectures': [nested_reft.engines.vllm_plugin.skip_architecture(...)]}"
@@ -78,6 +81,7 @@ class NestedReFTWorkerExtension:
     def nested_reft_info(self) -> dict:
         model = self._skip_model()
         return {"num_layers": model.num_decoder_layers, "model_class": type(model).__name__,
+                "slots": len(model.model.layers), "compact": hasattr(model, "set_kept"),
                 "skip": sorted(model.nested_reft_skip), "version": getattr(self, "_nested_reft_version", 0)}
 
     def nested_reft_set_skip(self, layers: list[int] | str) -> list[int]:
@@ -86,18 +90,41 @@ class NestedReFTWorkerExtension:
         self._bump_version()
         return sorted(model.nested_reft_skip)
 
+    def nested_reft_set_kept(self, kept: list[int] | str, weights) -> list[int]:
+        """Compact model: assign the kept layers to its slots and load the weights of the layers
+        that moved (`weights` as in `nested_reft_load_weights`; it must cover them). Returns the
+        layers that moved."""
+        model = self._skip_model()
+        if not hasattr(model, "set_kept"):
+            raise TypeError(f"the served model {type(model).__name__} is not a compact model")
+        previous = model.nested_reft_kept
+        moved = model.set_kept(json.loads(kept) if isinstance(kept, str) else kept)
+        named = self._named(weights)
+        sent = {int(m.group(1)) for m in (_LAYER_INDEX.match(name) for name, _ in named) if m}
+        if missing := sorted(set(moved) - sent):
+            model.set_kept(previous)
+            raise ValueError(f"layers {missing} moved into a slot but no weights came with them")
+        self._reload(named)
+        return moved
+
     def nested_reft_load_weights(self, weights) -> int:
         """Load checkpoint-format (Hugging Face named) tensors in place; returns how many.
 
         `weights` is a list of (name, tensor) pairs (in-process engine), or the path of a
         safetensors file (vLLM's multiprocessing mode, where tensors passed as RPC arguments
         arrive as lists, and server mode, where RPC arguments are strings)."""
+        named = self._named(weights)
+        self._reload(named)
+        return len(named)
+
+    def _named(self, weights) -> list:
         if isinstance(weights, str):
             from safetensors.torch import load_file
 
-            named = list(load_file(allowed_file(weights, WEIGHTS_FILE)).items())
-        else:
-            named = list(weights)
+            return list(load_file(allowed_file(weights, WEIGHTS_FILE)).items())
+        return list(weights)
+
+    def _reload(self, named: list) -> None:
         loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
         levels = [lg.level for lg in loggers]
         for lg in loggers:
@@ -108,7 +135,6 @@ class NestedReFTWorkerExtension:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
         self.nested_reft_after_weight_update()
-        return len(named)
 
     def nested_reft_after_weight_update(self) -> None:
         """What every weight update ends with, whoever loaded the tensors (our reload above, or

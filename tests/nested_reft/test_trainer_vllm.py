@@ -20,11 +20,13 @@ def vllm_args(tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_vllm_engine_trains_and_stays_in_sync(small_model_dir, chat_tokenizer, tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_vllm_engine_trains_and_stays_in_sync(small_model_dir, chat_tokenizer, tmp_path, compiled):
     trainer = NestedReFTTrainer(model=small_model_dir, reward_funcs=length_reward, processing_class=chat_tokenizer,
-                                train_dataset=dataset(), args=vllm_args(tmp_path, max_steps=3))
+                                train_dataset=dataset(), args=vllm_args(tmp_path, max_steps=3, vllm_compile=compiled))
     try:
-        assert type(trainer.engine).__name__ == "VLLMEngine" and trainer.engine.score_logprobs
+        expected = "CompiledVLLMEngine" if compiled else "VLLMEngine"
+        assert type(trainer.engine).__name__ == expected and trainer.engine.score_logprobs
         # one round by hand: vLLM's log-probs become TRL's sampling_per_token_logps and equal the
         # trainer model's own skipped forward (same weights, float32)
         _, inputs = first_inputs(trainer)
