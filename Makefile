@@ -52,6 +52,7 @@ demo-r1t1: install
 # (archs/tiny/build.py, deterministic: docs/tiny_model.md) and replaces the shipped files.
 tiny-models: install
 	$(BIN)/python -m archs.tiny.build --ship
+	$(BIN)/python -m r1t1.toy --ship
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

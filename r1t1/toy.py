@@ -80,3 +80,16 @@ def literal_rate(completions: list[str]) -> float:
 
 def toy_dataset(split: str, n: int | None = None, **kwargs) -> datasets.Dataset:
     return datasets.Dataset.from_list(toy_rows(split, n, **kwargs))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from archs.tiny.translation_build import ship
+
+    parser = argparse.ArgumentParser(description="The embedded Toylang model (untrained, with its tokenizer).")
+    parser.add_argument("--ship", action="store_true", help="rebuild it into archs/tiny/models/translation")
+    if parser.parse_args().ship:
+        print(ship(toy_prompt_texts()))
+    else:
+        print(build_toy_model())

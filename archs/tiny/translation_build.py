@@ -40,6 +40,19 @@ class TinyTranslationRecipe:
     tokenizer_pairs: int = 3000
 
 
+# The build for the Toylang demo (the default recipe, seed 0, the toy prompts of `r1t1.toy`) ships with
+# the package as a checkpoint folder; `make tiny-models` rewrites it (`python -m r1t1.toy --ship`).
+SHIPPED_TRANSLATION = Path(__file__).resolve().parent / "models" / "translation"
+
+
+def shipped_translation_model(key: str) -> Path | None:
+    """The shipped folder when it holds the build with cache key `key`, else None."""
+    info = SHIPPED_TRANSLATION / "build_info.json"
+    if info.exists() and json.loads(info.read_text()).get("cache_key") == key:
+        return SHIPPED_TRANSLATION
+    return None
+
+
 def _cache_key(recipe: TinyTranslationRecipe, seed: int, prompt_texts: Sequence[str]) -> str:
     blob = json.dumps({"v": TINY_TRANSLATION_VERSION, "seed": seed, "prompts": list(prompt_texts),
                        **asdict(recipe)}, sort_keys=True)
@@ -66,7 +79,8 @@ def build_tiny_translation_model(
     prompt_texts: Sequence[str] = (),
     rebuild: bool = False,
 ) -> Path:
-    """Path to a saved tiny Qwen2 model (initialised, untrained) and its Toylang tokenizer.
+    """Path to a saved tiny Qwen2 model (initialised, untrained) and its Toylang tokenizer: the
+    shipped folder (`archs/tiny/models/translation`) when it is this build, else built and cached.
 
     prompt_texts: texts the prompts will contain (system prompt, template instructions), so the
     tokenizer learns them as few tokens; they are part of the cache key. Deterministic for
@@ -74,8 +88,11 @@ def build_tiny_translation_model(
     `$REFT_CACHE`).
     """
     recipe = recipe or TinyTranslationRecipe()
+    key = _cache_key(recipe, seed, prompt_texts)
+    if not rebuild and (shipped := shipped_translation_model(key)) is not None:
+        return shipped
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / f"tiny-translation-{_cache_key(recipe, seed, prompt_texts)}"
+    out = root / f"tiny-translation-{key}"
     if (out / "build_info.json").exists() and not rebuild:
         return out
     start = time.perf_counter()
@@ -88,7 +105,7 @@ def build_tiny_translation_model(
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    info = {"seed": seed, "version": TINY_TRANSLATION_VERSION, "recipe": asdict(recipe),
+    info = {"seed": seed, "version": TINY_TRANSLATION_VERSION, "cache_key": key, "recipe": asdict(recipe),
             "parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer),
             "build_seconds": time.perf_counter() - start}
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
@@ -96,3 +113,15 @@ def build_tiny_translation_model(
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: an interrupted build never leaves a folder that looks complete
     return out
+
+
+def ship(prompt_texts: Sequence[str], seed: int = 0) -> Path:
+    """Rebuild the default recipe's model for `prompt_texts` into SHIPPED_TRANSLATION."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_tiny_translation_model(tmp, seed=seed, prompt_texts=prompt_texts, rebuild=True)
+        if SHIPPED_TRANSLATION.exists():
+            shutil.rmtree(SHIPPED_TRANSLATION)
+        shutil.copytree(built, SHIPPED_TRANSLATION)
+    return SHIPPED_TRANSLATION
