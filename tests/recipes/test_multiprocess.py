@@ -51,7 +51,7 @@ CASES = {  # name: (config, extra args, distributed type, ZeRO stage, engine, ne
     "ddp": ("multi_cpu.yaml", SKIPPING, "MULTI_CPU", None, "HFEngine", None),
     "zero2": ("deepspeed_zero2.yaml", SKIPPING, "DEEPSPEED", 2, "HFEngine", "deepspeed"),
     "zero3": ("deepspeed_zero3.yaml", SKIPPING, "DEEPSPEED", 3, "HFEngine", "deepspeed"),
-    "zero3_vllm": ("deepspeed_zero3.yaml", FULL_MODEL_VLLM, "DEEPSPEED", 3, "VLLMEngine", "vllm"),
+    "zero3_vllm": ("deepspeed_zero3.yaml", FULL_MODEL_VLLM, "DEEPSPEED", 3, "CompiledVLLMEngine", "vllm"),
 }
 
 
