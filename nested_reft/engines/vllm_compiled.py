@@ -172,9 +172,9 @@ class CompiledVLLMEngine(RolloutEngine):
         self.weights_version += 1
         for name, tensor in named_tensors:
             current = self.weights.get(name)
-            if current is not None and current.shape == tensor.shape:
+            if current is not None and current.shape == tensor.shape and current.dtype == tensor.dtype:
                 current.copy_(tensor.detach())
-            else:
+            else:  # new, or in another dtype than the checkpoint's (a bf16 file, float32 training): keep the trainer's
                 self.weights[name] = tensor.detach().to("cpu", copy=True)
             self.changed_at[name] = self.weights_version
         self.last_sync_seconds = time.perf_counter() - start

@@ -157,3 +157,17 @@ def test_bad_skip_sets_fail_clearly(compiled):
         compiled.set_skip((1, 6))
     with pytest.raises(ValueError, match="cannot skip all 6 layers"):
         compiled.set_skip(range(6))
+
+
+def test_the_host_copy_keeps_the_trainers_precision(_small_qwen2, chat_tokenizer, tmp_path):
+    """A bf16 checkpoint trained in float32: the host copy holds the float32 tensors the trainer sent,
+    not their bf16 rounding (no vLLM instance is started: they start on first use)."""
+    copy.deepcopy(_small_qwen2).to(torch.bfloat16).save_pretrained(tmp_path)
+    chat_tokenizer.save_pretrained(tmp_path)
+    engine = CompiledVLLMEngine(str(tmp_path), dtype="float32")
+    assert engine.weights["model.norm.weight"].dtype == torch.bfloat16 and not engine.instances
+    sent = dict(_small_qwen2.named_parameters())
+    engine.load_weights(sent.items())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        assert engine.weights[name].dtype == torch.float32 and torch.equal(engine.weights[name], sent[name].detach())
+    assert engine.changed_at[name] == engine.weights_version == 1
