@@ -122,7 +122,7 @@ def sync_colocated_weights(llm, named_params) -> int:
     return len(named)
 
 
-def reloading_vllm_generation(dtype: str):
+def reloading_vllm_generation(dtype: str, compiled: bool = False):
     """TRL's `VLLMGeneration` with the weight sync and the vLLM start described above."""
     import functools
 
@@ -131,7 +131,7 @@ def reloading_vllm_generation(dtype: str):
     class ReloadingVLLMGeneration(tvg.VLLMGeneration):
         def _init_vllm(self):
             llm_cls = tvg.LLM
-            tvg.LLM = functools.partial(llm_cls, dtype=dtype, **VLLM_START)
+            tvg.LLM = functools.partial(llm_cls, dtype=dtype, **{**VLLM_START, "enforce_eager": not compiled})
             try:
                 super()._init_vllm()
             finally:
@@ -146,9 +146,10 @@ def reloading_vllm_generation(dtype: str):
     return ReloadingVLLMGeneration
 
 
-def ours_vllm_engine(targs, model, tokenizer):
-    """The eager `VLLMEngine` that `build_engine` makes for `targs` with `vllm_compile: false`, started
-    with `VLLM_START` (chunked prefill off, see above). EOS ids as TRL's trainer derives them."""
+def ours_vllm_engine(targs, model, tokenizer, compiled: bool = False):
+    """The eager `VLLMEngine` that `build_engine` makes for `targs` with `vllm_compile: false` (with
+    `compiled`: the `CompiledVLLMEngine` of `vllm_compile: true`), started with `VLLM_START`'s chunked
+    prefill off (see above). EOS ids as TRL's trainer derives them."""
     from nested_reft.engines.factory import model_source
     from nested_reft.engines.vllm_engine import VLLMEngine
 
@@ -156,7 +157,10 @@ def ours_vllm_engine(targs, model, tokenizer):
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id not in eos:
         eos = [tokenizer.eos_token_id, *eos]
-    return VLLMEngine(model_source(model), eos_token_ids=eos, dtype=targs.vllm_dtype, seed=targs.seed,
+    engine_class = VLLMEngine
+    if compiled:  # the compiled engine (holds only the kept layers), as `vllm_compile: true` builds it
+        from nested_reft.engines.vllm_compiled import CompiledVLLMEngine as engine_class
+    return engine_class(model_source(model), eos_token_ids=eos, dtype=targs.vllm_dtype, seed=targs.seed,
                       gpu_memory_utilization=targs.vllm_gpu_memory_utilization,
                       max_model_len=targs.vllm_max_model_length, multiprocessing=not targs.vllm_in_process,
                       cpu_kvcache_gib=targs.vllm_cpu_kvcache_gib,
@@ -164,12 +168,12 @@ def ours_vllm_engine(targs, model, tokenizer):
 
 
 @contextlib.contextmanager
-def trl_colocated_vllm_shim(dtype: str):
+def trl_colocated_vllm_shim(dtype: str, compiled: bool = False):
     """While TRL's GRPOTrainer is built, it constructs our `VLLMGeneration` subclass."""
     import trl.trainer.grpo_trainer as grpo
 
     original = grpo.VLLMGeneration
-    grpo.VLLMGeneration = reloading_vllm_generation(dtype)
+    grpo.VLLMGeneration = reloading_vllm_generation(dtype, compiled)
     try:
         yield
     finally:
@@ -238,7 +242,7 @@ def run_one(name: str, seed: int, args) -> dict:
     if side == "trl":
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if engine == "vllm" else {}
         targs = GRPOConfig(**vllm, **common)
-        with trl_colocated_vllm_shim(cfg["vllm_dtype"]) if engine == "vllm" else contextlib.nullcontext():
+        with trl_colocated_vllm_shim(cfg["vllm_dtype"], args.compiled) if engine == "vllm" else contextlib.nullcontext():
             trainer = GRPOTrainer(args=targs, **kw)
     else:
         variant = run_variant(name)
@@ -253,7 +257,7 @@ def run_one(name: str, seed: int, args) -> dict:
                                  keep_last=cfg["keep_last"], skip_mode=cfg["skip_mode"],
                                  filter_groups=cfg.get("filter_groups", False),
                                  rollout_batch_size=cfg["rollout_batch_size"], full_model_probe_every=0, **common)
-        engine_obj = ours_vllm_engine(targs, model, tokenizer) if engine == "vllm" else None
+        engine_obj = ours_vllm_engine(targs, model, tokenizer, args.compiled) if engine == "vllm" else None
         trainer = NestedReFTTrainer(args=targs, engine=engine_obj, **kw)
     model_ref[0] = trainer.model
     construct = time.perf_counter() - clock["start"]
@@ -387,6 +391,8 @@ def main(argv=None):
     p.add_argument("--skip_ratio", type=float, default=None, help="ours: default the config's")
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--out", default="outputs/benchmarks/vs_trl")
+    p.add_argument("--compiled", action="store_true", help="-vllm runs: compiled vLLM on both sides (ours: "
+                   "CompiledVLLMEngine; TRL's without enforce_eager) instead of eager on both")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (1 avoids oversubscription on a shared machine)")
     p.add_argument("--table_only", action="store_true", help="report the results already under --out, run nothing")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child mode: one run, JSON to --out/seed<S>/<run>.json
@@ -413,6 +419,8 @@ def main(argv=None):
                 for flag in ("max_steps", "threads", "skip_ratio"):
                     if getattr(args, flag) is not None:
                         cmd += [f"--{flag}", str(getattr(args, flag))]
+                if args.compiled:
+                    cmd.append("--compiled")
                 log = out / f"seed{seed}" / f"{name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 start = time.perf_counter()
