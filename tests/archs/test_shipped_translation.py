@@ -7,7 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from archs.tiny.translation_build import SHIPPED_TRANSLATION, TinyTranslationRecipe, build_tiny_translation_model
+from archs.tiny.translation_build import (
+    SHIPPED_TRANSLATION,
+    TinyTranslationRecipe,
+    build_tiny_translation_model,
+)
 from r1t1.toy import build_toy_model, toy_prompt_texts
 
 
