@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     from transformers import AutoConfig
 
     from nested_reft.engines import SamplingSpec
-    from nested_reft.engines.vllm_compiled import CompiledVLLMEngine
+    from nested_reft.engines.vllm_compiled import CompiledVLLMEngine, layer_of
     from nested_reft.engines.vllm_engine import VLLMEngine
     from recipes.rollout_throughput import StockVLLM, random_prompts
 
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
             sync.append(time.perf_counter() - t)
         gen = next(r for r in rows if r["batch_size"] == bs and r["k"] == k)
         loads.append({"k": k, "moved_layers": statistics.mean(moved), "new_skip_seconds": statistics.median(new_skip),
-                      "sync_tensors": sum(1 for n in policy if compiled_layer_held(n, compiled.kept[k])),
+                      "sync_tensors": sum(1 for n in policy if layer_of(n) is None or layer_of(n) in compiled.kept[k]),
                       "sync_seconds": statistics.median(sync), "batch_size": bs, "new_tokens": args.new_tokens,
                       "generate_seconds": bs * args.new_tokens / gen["compiled_tokens_per_s"]})
     for engine in engines.values():
@@ -202,13 +202,6 @@ def main(argv=None) -> dict:
     print("\n" + md)
     print(f"\nwrote {args.out}/compiled.json and compiled.md")
     return result
-
-
-def compiled_layer_held(name: str, kept) -> bool:
-    from nested_reft.engines.vllm_compiled import layer_of
-
-    layer = layer_of(name)
-    return layer is None or layer in kept
 
 
 if __name__ == "__main__":

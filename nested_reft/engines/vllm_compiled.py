@@ -187,8 +187,10 @@ class CompiledVLLMEngine(RolloutEngine):
         if instance.sleeping:
             instance.wake_up()
         kept = tuple(i for i in range(self.num_layers) if i not in self.skip)
-        moved = {layer for j, layer in enumerate(kept) if self.kept[k][j] != layer}
         since = self.versions[k]
+        if kept == self.kept[k] and since == self.weights_version:
+            return  # up to date: nothing moved, nothing changed since its last load
+        moved = {layer for j, layer in enumerate(kept) if self.kept[k][j] != layer}
         send = [(n, t) for n, t in self.weights.items()
                 if layer_of(n) in moved or ((layer_of(n) is None or layer_of(n) in kept) and self.changed_at.get(n, 0) > since)]
         if send:

@@ -35,7 +35,12 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 
 class _SkipAware:
-    """Mixin: wraps each decoder layer's forward with a skip test (no parameter is touched)."""
+    """Mixin (first base, before vLLM's class): wraps each decoder layer's forward with a skip test
+    (no parameter is touched)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_skip()
 
     def _install_skip(self) -> None:
         self.nested_reft_skip: frozenset[int] = frozenset()
@@ -68,27 +73,19 @@ class _SkipAware:
 
 
 class SkipLlamaForCausalLM(_SkipAware, LlamaForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_skip()
+    pass
 
 
 class SkipQwen2ForCausalLM(_SkipAware, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_skip()
+    pass
 
 
 class SkipQwen3ForCausalLM(_SkipAware, Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_skip()
+    pass
 
 
 class SkipMistralForCausalLM(_SkipAware, MistralForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_skip()
+    pass
 
 
 # ---------------------------------------------------------------------- compact (compiled) models
@@ -99,6 +96,10 @@ LAYER_NAME = re.compile(r"^(model\.layers\.)(\d+)(\..+)$")
 class _Compact:
     """Mixin: the model holds `len(nested_reft_kept)` decoder layers; slot j is layer kept[j] of the
     checkpoint's `nested_reft_num_layers`. Both come from the config (hf_overrides at start)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_slots(vllm_config.model_config.hf_config)
 
     def _install_slots(self, config) -> None:
         self.nested_reft_full_layers = int(config.nested_reft_num_layers)
@@ -139,24 +140,16 @@ class _Compact:
 
 
 class CompactLlamaForCausalLM(_Compact, LlamaForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_slots(vllm_config.model_config.hf_config)
+    pass
 
 
 class CompactQwen2ForCausalLM(_Compact, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_slots(vllm_config.model_config.hf_config)
+    pass
 
 
 class CompactQwen3ForCausalLM(_Compact, Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_slots(vllm_config.model_config.hf_config)
+    pass
 
 
 class CompactMistralForCausalLM(_Compact, MistralForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_slots(vllm_config.model_config.hf_config)
+    pass

@@ -48,30 +48,25 @@ def check_vllm_version(version: str | None = None) -> str:
                        "run with this version anyway: weight syncs and behavior log-probs rely on vLLM internals.")
 
 
-def skip_architecture(architectures) -> str:
-    """The skip-aware class for a checkpoint's `architectures` list; a clear error otherwise."""
+def _our_class(architectures, table: dict[str, str], kind: str) -> str:
+    """Our class in `table` for a checkpoint's `architectures` list (or one of ours given by name)."""
     names = [architectures] if isinstance(architectures, str) else list(architectures or [])
     for name in names:
-        if name in SKIP_ARCHITECTURES:
-            return SKIP_ARCHITECTURES[name]
-        if name in SKIP_ARCHITECTURES.values():
+        if name in table:
+            return table[name]
+        if name in table.values():
             return name
-    raise ValueError(
-        f"no skip-aware vLLM model for architectures {names!r}; supported: {sorted(SKIP_ARCHITECTURES)}"
-    )
+    raise ValueError(f"no {kind} vLLM model for architectures {names!r}; supported: {sorted(table)}")
+
+
+def skip_architecture(architectures) -> str:
+    """The skip-aware class for a checkpoint's `architectures` list; a clear error otherwise."""
+    return _our_class(architectures, SKIP_ARCHITECTURES, "skip-aware")
 
 
 def compact_architecture(architectures) -> str:
     """The compact (compiled) class for a checkpoint's `architectures` list; a clear error otherwise."""
-    names = [architectures] if isinstance(architectures, str) else list(architectures or [])
-    for name in names:
-        if name in COMPACT_ARCHITECTURES:
-            return COMPACT_ARCHITECTURES[name]
-        if name in COMPACT_ARCHITECTURES.values():
-            return name
-    raise ValueError(
-        f"no compact vLLM model for architectures {names!r}; supported: {sorted(COMPACT_ARCHITECTURES)}"
-    )
+    return _our_class(architectures, COMPACT_ARCHITECTURES, "compact")
 
 
 def register() -> None:

@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import tempfile
@@ -40,8 +39,6 @@ logger = logging.getLogger(__name__)
 # sent keep their values (tests/nested_reft/test_vllm_engine.py checks it).
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                    "vllm.model_executor.model_loader.reload.inplace")
-
-_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 WEIGHTS_DIR_ENV = "NESTED_REFT_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -100,7 +97,9 @@ class NestedReFTWorkerExtension:
         previous = model.nested_reft_kept
         moved = model.set_kept(json.loads(kept) if isinstance(kept, str) else kept)
         named = self._named(weights)
-        sent = {int(m.group(1)) for m in (_LAYER_INDEX.match(name) for name, _ in named) if m}
+        from .vllm_compiled import layer_of
+
+        sent = {layer_of(name) for name, _ in named}
         if missing := sorted(set(moved) - sent):
             model.set_kept(previous)
             raise ValueError(f"layers {missing} moved into a slot but no weights came with them")

