@@ -16,8 +16,11 @@ vLLM and TRL may be absent (nothing here needs TRL; the vLLM part is skipped, sa
    after the prefill) against Llama, at a 125M-ish shape (hidden 768, 12 layers, 12 heads), 1k/4k/16k tokens.
 4. `regla_op`: ReGLA's chunked GLA op (torch; Triton and flash-linear-attention where CUDA is present)
    against causal SDPA, one layer's worth of heads, at the same lengths.
-5. `vllm`: where vLLM is installed and a GPU is present, compiled stock vLLM holding only the kept layers
-   (CUDA graphs, torch.compile) against the eager skip-aware `VLLMEngine` with the same k skipped.
+5. `vllm`: where vLLM is installed and a GPU is present (or `--vllm_cpu`), rollout tokens/s of
+   `CompiledVLLMEngine` (a compiled instance per k holding only the L − k kept layers) against the eager
+   skip-aware `VLLMEngine` at the same k/L, on part 1's random-weight model written as a checkpoint, same
+   batch, new tokens (EOS ignored) and seeds; plus each compiled instance's start (compile) time and the
+   time of a training round's weight load into it (`last_load_seconds`).
 
 Every part is guarded on its own: a missing dependency or a failure records `{"skipped": reason}` and
 the others still run; inside a part a failed measurement records its error. Each part has a time
@@ -204,20 +207,26 @@ def plain_generate_engine(model, pad_id: int):
     return generate, set_skip
 
 
-def part_rollout(a, budget: Budget) -> dict:
+def random_qwen2(a):
+    """The rollout model: Qwen2.5-1.5B-shaped (tiny with --tiny), random weights drawn from --seed,
+    on --device in --dtype. The `vllm` part saves the same model as a checkpoint."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    shape = ROLLOUT_TINY if a.tiny else ROLLOUT_SHAPE
+    torch.manual_seed(a.seed)
+    with torch.device(a.torch_device):
+        return Qwen2ForCausalLM(Qwen2Config(**shape)).to(a.torch_dtype).eval(), shape
+
+
+def part_rollout(a, budget: Budget) -> dict:
     from nested_reft.skipping import LayerSkipPolicy
     from recipes.rollout_throughput import random_prompts, timed
 
-    device, dtype = a.torch_device, a.torch_dtype
-    shape = ROLLOUT_TINY if a.tiny else ROLLOUT_SHAPE
+    dtype = a.torch_dtype
     notes = []
-    config = Qwen2Config(**shape)
-    torch.manual_seed(a.seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    model, shape = random_qwen2(a)
+    config = model.config
     num_layers = config.num_hidden_layers
     params = sum(p.numel() for p in model.parameters())
     try:
@@ -577,135 +586,123 @@ def md_regla_op(r: dict) -> str:
 # --------------------------------------------------------------------------- 5. vLLM compiled vs eager
 
 
-class CompiledVLLM:
-    """Stock vLLM (its own model class, no skip support) with torch.compile and CUDA graphs, on a
-    checkpoint that holds only the kept layers: how a compiled behavior engine must run (a compiled
-    forward freezes the skip set, so the skip is in which layers it holds). Dummy (random) weights."""
-
-    def __init__(self, path: str, *, dtype: str, seed: int, max_model_len: int, max_num_seqs: int,
-                 gpu_memory_utilization: float):
-        import torch
-        from vllm import LLM
-
-        from nested_reft.engines.vllm_engine import _environ
-
-        env, cpu = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, {}
-        if not torch.cuda.is_available():  # as VLLMEngine / StockVLLM start on CPU
-            env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
-            cpu = {"enable_chunked_prefill": False}
-        with _environ(env):
-            from vllm import envs
-
-            envs.disable_envs_cache()
-            self.llm = LLM(model=path, dtype=dtype, enforce_eager=False, seed=seed, enable_prefix_caching=False,
-                           load_format="dummy", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                           gpu_memory_utilization=gpu_memory_utilization, **cpu)
-
-    def generate(self, prompts, sampling, *, ignore_eos: bool = True):
-        from vllm.inputs import TokensPrompt
-
-        from nested_reft.engines.vllm_engine import rollouts_from_outputs, vllm_sampling_params
-
-        params = vllm_sampling_params(sampling, len(prompts), eos_ids=None, logprobs=False, ignore_eos=ignore_eos)
-        start = time.perf_counter()
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in prompts], params, use_tqdm=False)
-        return rollouts_from_outputs(outs, False, (), time.perf_counter() - start)
-
-    def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
-
-
 def part_vllm(a, budget: Budget) -> dict:
     require("vllm", "compiled and eager skip-aware vLLM not measured", name="vLLM")
     if a.torch_device.type != "cuda" and not a.vllm_cpu:
         raise Skip("no CUDA GPU: the compiled-vs-eager comparison is a GPU measurement (--vllm_cpu runs it on CPU)")
     import torch
-    from transformers import Qwen2Config
+    import vllm
 
     from archs.tiny.build import TinyMathRecipe, build_tokenizer
+    from benchmarks.vllm_compiled import rotation, summarise
     from nested_reft.engines import SamplingSpec
+    from nested_reft.engines.vllm_compiled import CompiledVLLMEngine
     from nested_reft.engines.vllm_engine import VLLMEngine
     from nested_reft.skipping import LayerSkipPolicy
     from recipes.rollout_throughput import random_prompts, timed
 
-    shape = ROLLOUT_TINY if a.tiny else ROLLOUT_SHAPE
     dtype = str(a.torch_dtype).removeprefix("torch.")
+    # The compiled engine reads every layer's weights from the checkpoint (a skip set is a weight
+    # load), so the random model is written out for real: the rollout part's model, same seed.
     workdir = Path(tempfile.mkdtemp(prefix="gpu_suite_vllm_"))
-    tokenizer = build_tokenizer(TinyMathRecipe(vocab_size=400), seed=0)  # only token ids are used
-
-    def checkpoint(layers: int) -> str:
-        folder = workdir / f"layers{layers}"
-        Qwen2Config(**{**shape, "num_hidden_layers": layers}, architectures=["Qwen2ForCausalLM"]).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return str(folder)
-
+    model, shape = random_qwen2(a)
+    model.save_pretrained(workdir)
+    del model
+    free_memory()
+    build_tokenizer(TinyMathRecipe(vocab_size=400), seed=0).save_pretrained(workdir)  # only token ids are used
     num_layers = shape["num_hidden_layers"]
     keep = 1 if a.tiny else 2
-    skips = {f: LayerSkipPolicy(num_layers, skip_ratio=f, keep_first=keep, keep_last=keep, seed=a.seed).draw()
-             for f in a.skip_fractions}
+    policies = {f: LayerSkipPolicy(num_layers, skip_ratio=f, keep_first=keep, keep_last=keep, seed=a.seed)
+                for f in a.skip_fractions}
+    skips = {f: policy.draw() for f, policy in policies.items()}  # the rollout part's skip sets
     prompts = random_prompts(a.seed, a.batch, a.prompt_len, shape["vocab_size"])
     sampling = SamplingSpec(max_new_tokens=a.new_tokens, temperature=1.0, seed=a.seed)
-    settings = dict(dtype=dtype, seed=a.seed, max_model_len=a.prompt_len + a.new_tokens + 8, max_num_seqs=a.batch)
-    memory = 0.2  # of the GPU per engine (one at a time, closed after use)
-    rows = []
-    eager = {}
+    # Every engine stays up: the eager one and one compiled instance per k, each with this share of the GPU.
+    settings = dict(dtype=dtype, seed=a.seed, max_model_len=a.prompt_len + a.new_tokens + 8, max_num_seqs=a.batch,
+                    multiprocessing=False, score_logprobs=False, gpu_memory_utilization=0.15,
+                    **({} if torch.cuda.is_available() else {"cpu_kvcache_gib": 1}))
+    engines, rows = {}, []
+    try:
+        engines["eager"] = VLLMEngine(str(workdir), **settings)
+        engines["compiled"] = CompiledVLLMEngine(str(workdir), **settings)
+        eager, compiled = engines["eager"], engines["compiled"]
+        log("vllm", f"eager skip-aware engine up in {eager.start_seconds:.1f} s")
+        host = dict(compiled.weights)  # every tensor, as an optimizer step of full fine-tuning changes them
 
-    def run_eager():
-        engine = VLLMEngine(checkpoint(num_layers), multiprocessing=False, score_logprobs=False, load_format="dummy",
-                            gpu_memory_utilization=memory, **settings,
-                            **({} if torch.cuda.is_available() else {"cpu_kvcache_gib": 1}))
-        try:
-            for f, skip in skips.items():
-                engine.set_skip(skip)
-                eager[f] = timed(lambda p, s: engine.generate(p, s, ignore_eos=True), prompts, sampling,
-                                 a.warmup, a.repeats)
-                log("vllm", f"eager skip-aware k={len(skip)}: {eager[f][0]:.0f} tok/s")
-        finally:
+        for f, skip in skips.items():
+            def one(f=f, skip=skip):
+                k = len(skip)
+                compiled.set_skip(skip)  # starts (compiles) the instance for k the first time
+                eager.set_skip(skip)
+                instance = compiled.instances[k]
+                if instance.slots != num_layers - k:
+                    raise RuntimeError(f"the compiled instance for k={k} holds {instance.slots} layers, not {num_layers - k}")
+
+                def generate(name):
+                    return lambda p, s: engines[name].generate(p, s, ignore_eos=True)
+
+                for name in engines:
+                    for _ in range(a.warmup):
+                        engines[name].generate(prompts, sampling, ignore_eos=True)
+                measurements = []  # one call per engine per repeat, their order rotating: ratios within a repeat
+                for repeat in range(a.repeats):
+                    for name in rotation(repeat, list(engines)):
+                        rate, tokens = timed(generate(name), prompts, sampling, 0, 1)
+                        measurements.append({"repeat": repeat, "batch_size": a.batch, "k": k, "engine": name,
+                                             "tokens_per_s": rate})
+                rates = summarise(measurements)[0]
+                # a training round's load: an optimizer step changed every tensor, then a new skip set of size k
+                loads, sent = [], []
+                for _ in range(a.repeats):
+                    compiled.load_weights(host.items())
+                    before = compiled.loaded_tensors
+                    compiled.set_skip(policies[f].draw())
+                    loads.append(compiled.last_load_seconds)
+                    sent.append(compiled.loaded_tensors - before)
+                return {"k": k, "skip": list(skip), "tokens": tokens, "eager_tokens_per_s": rates["eager_tokens_per_s"],
+                        "compiled_tokens_per_s": rates["compiled_tokens_per_s"],
+                        "compiled_over_eager": rates["compiled_over_eager"], "compiled_layers": instance.slots,
+                        "compiled_compact": instance.compact, "compiled_start_seconds": compiled.start_seconds[k],
+                        "load_seconds": statistics.median(loads), "load_tensors": statistics.median(sent),
+                        "load_rounds": len(loads)}
+
+            row = measure("vllm", rows, f"k/L={f}", budget, one, skip_fraction=f, batch=a.batch, new_tokens=a.new_tokens)
+            if row is not None:
+                log("vllm", f"k={row['k']}: compiled ({row['compiled_layers']} layers, up in "
+                            f"{row['compiled_start_seconds']:.1f} s) {row['compiled_tokens_per_s']:.0f} tok/s, eager "
+                            f"{row['eager_tokens_per_s']:.0f} tok/s, x{row['compiled_over_eager']:.2f}; a round's "
+                            f"load {row['load_seconds']:.3f} s ({row['load_tensors']:.0f} tensors)")
+        eager_start = eager.start_seconds
+    finally:
+        for engine in engines.values():
             engine.close()
-            free_memory()
-        return {}
-
-    eager_run: list[dict] = []
-    measure("vllm", eager_run, "eager skip-aware engine", budget, run_eager)
-    notes = []
-    if eager_run and ("error" in eager_run[0] or "skipped" in eager_run[0]):
-        notes.append(f"eager skip-aware engine: {eager_run[0].get('error') or eager_run[0].get('skipped')}")
-    for f, skip in skips.items():
-        def one(f=f, skip=skip):
-            engine = CompiledVLLM(checkpoint(num_layers - len(skip)), **settings, gpu_memory_utilization=memory)
-            try:
-                rate, tokens = timed(lambda p, s: engine.generate(p, s, ignore_eos=True), prompts, sampling,
-                                     a.warmup, a.repeats)
-            finally:
-                engine.close()
-            row = {"k": len(skip), "skip": list(skip), "tokens": tokens, "compiled_tokens_per_s": rate}
-            if f in eager:
-                row.update(eager_tokens_per_s=eager[f][0], compiled_over_eager=rate / eager[f][0])
-            return row
-
-        row = measure("vllm", rows, f"compiled k/L={f}", budget, one, skip_fraction=f, batch=a.batch,
-                      new_tokens=a.new_tokens)
-        free_memory()  # the engine is gone with one's frame
-        if row is not None:
-            log("vllm", f"compiled, {num_layers - row['k']} kept layers: {row['compiled_tokens_per_s']:.0f} tok/s")
-    import vllm
-
-    shutil.rmtree(workdir, ignore_errors=True)  # configs and tokenizer files only (dummy weights)
-    notes.append("compiled: stock vLLM class, enforce_eager=False, a checkpoint of the kept layers only; "
-                 "eager: VLLMEngine (skip-aware, enforce_eager=True) with the k layers skipped at run time; "
-                 "both with dummy (random) weights")
-    return {"vllm": vllm.__version__, "num_layers": num_layers, "dtype": dtype, "rows": rows, "notes": notes}
+        shutil.rmtree(workdir, ignore_errors=True)
+        free_memory()
+    notes = ["compiled: CompiledVLLMEngine, one compiled vLLM instance per k holding the L − k kept layers, "
+             "the skip set loaded as weights into its slots; eager: VLLMEngine (enforce_eager=True), the k layers "
+             "skipped at run time; both in this process on the same random-weight checkpoint, one call each per "
+             "repeat in rotating order, ratio within each repeat",
+             "compiled up s: the instance's start (load, torch.compile, CUDA graphs) the first time k is asked for; "
+             "round load s: `last_load_seconds` of a set_skip to a new skip set of the same k after load_weights of "
+             "every tensor (a full fine-tuning step): the kept layers, embeddings, final norm and head"]
+    return {"vllm": vllm.__version__, "num_layers": num_layers, "dtype": dtype, "prompt_len": a.prompt_len,
+            "warmup": a.warmup, "repeats": a.repeats, "eager_start_seconds": eager_start, "rows": rows, "notes": notes}
 
 
 def md_vllm(r: dict) -> str:
-    lines = [f"vLLM {r['vllm']}, {r['num_layers']} layers, {r['dtype']}", "",
-             "| k/L | k | eager skip-aware tok/s | compiled kept-layers tok/s | compiled / eager |", "|---|---|---|---|---|"]
+    lines = [f"vLLM {r['vllm']}, {r['num_layers']} layers, {r['dtype']}, prompt {r['prompt_len']} tokens, median of "
+             f"{r['repeats']} calls; eager engine up in {r['eager_start_seconds']:.1f} s", "",
+             "| k/L | k | batch × new tokens | eager tok/s | compiled tok/s | compiled / eager | compiled layers | "
+             "compiled up s | round load s (tensors) |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         if "compiled_tokens_per_s" in x:
-            lines.append(f"| {x['skip_fraction']} | {x['k']} | {x.get('eager_tokens_per_s', float('nan')):.0f} | "
-                         f"{x['compiled_tokens_per_s']:.0f} | {x.get('compiled_over_eager', float('nan')):.2f} |")
+            lines.append(f"| {x['skip_fraction']} | {x['k']} | {x['batch']} × {x['new_tokens']} | "
+                         f"{x['eager_tokens_per_s']:.0f} | {x['compiled_tokens_per_s']:.0f} | "
+                         f"{x['compiled_over_eager']:.2f} | {x['compiled_layers']} | {x['compiled_start_seconds']:.1f} | "
+                         f"{x['load_seconds']:.3f} ({x['load_tensors']:.0f}) |")
         else:
-            lines.append(f"| {x['skip_fraction']} | | {x.get('error') or x.get('skipped')} | | |")
+            lines.append(f"| {x['skip_fraction']} | | {x['batch']} × {x['new_tokens']} | "
+                         f"{x.get('error') or x.get('skipped')} | | | | | |")
     return "\n".join(lines)
 
 

