@@ -7,7 +7,11 @@ skip test at all. Slot j holds the j-th kept layer; `load_weights` renames `mode
 `model.layers.<slot of i>.` and drops the tensors of layers that are not kept, so the checkpoint,
 the trainer's weight syncs and a change of the skip set all go through vLLM's own weight loading
 (in place: `reload_weights` copies into the tensors the compiled graph holds). A new skip set of
-the same size is new weights in some slots, nothing else.
+the same size is new weights in some slots, nothing else. In server mode (`nested_reft_host_copy` in
+the config) the model also keeps every tensor it is given, of every layer, on the host: the
+server's workers then move a layer into a slot from their own copy (the trainer sends only the
+list of kept layers), and the copy stays current through every weight path, vLLM's NCCL / IPC
+weight-transfer engines included, because they all end in this class's `load_weights`.
 
 **Run-time skip** (`Skip*ForCausalLM`, eager):
 
@@ -100,11 +104,14 @@ class _Compact:
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._install_slots(vllm_config.model_config.hf_config)
+        self._host_dtype = vllm_config.model_config.dtype
 
     def _install_slots(self, config) -> None:
         self.nested_reft_full_layers = int(config.nested_reft_num_layers)
         self.nested_reft_kept: tuple[int, ...] = ()
         self.set_kept(config.nested_reft_kept)
+        # checkpoint name -> tensor, every layer (server mode; the colocated engine keeps its own copy)
+        self.nested_reft_host: dict | None = {} if getattr(config, "nested_reft_host_copy", False) else None
 
     @property
     def num_decoder_layers(self) -> int:
@@ -130,6 +137,8 @@ class _Compact:
 
         def to_slots():
             for name, tensor in weights:
+                if self.nested_reft_host is not None:
+                    self._keep_on_host(name, tensor)
                 match = LAYER_NAME.match(name)
                 if match is None:
                     yield name, tensor
@@ -137,6 +146,14 @@ class _Compact:
                     yield f"{match.group(1)}{slot_of[int(match.group(2))]}{match.group(3)}", tensor
 
         return super().load_weights(to_slots())
+
+    def _keep_on_host(self, name: str, tensor) -> None:
+        """Copy (NCCL hands out views of a reused buffer) in the model's dtype: what this model would
+        hold after loading it, at the model's size rather than the trainer's float32."""
+        if self.nested_reft_host.get(name) is tensor:  # a layer moving into a slot from this copy
+            return
+        dtype = self._host_dtype if tensor.is_floating_point() else tensor.dtype
+        self.nested_reft_host[name] = tensor.detach().to(device="cpu", dtype=dtype, copy=True)
 
 
 class CompactLlamaForCausalLM(_Compact, LlamaForCausalLM):

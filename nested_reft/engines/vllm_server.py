@@ -1,16 +1,22 @@
 """`VLLMServerEngine`: Nested-ReFT rollouts from vLLM's own OpenAI-compatible server (`vllm serve`).
 
-The server runs our skip-aware model class (the `vllm.general_plugins` entry point registers it in
-every vLLM process, `--hf-overrides` selects it) with our worker extension, in vLLM's dev mode
-(`VLLM_SERVER_DEV_MODE=1` opens `/collective_rpc` and the RL endpoints). `python -m
-nested_reft.serve MODEL` starts it with the flags below (`server_flags`); this client checks them
-against the server's `/server_info` before it samples anything.
+The server runs one of our model classes (the `vllm.general_plugins` entry point registers them in
+every vLLM process, `--hf-overrides` selects one) with our worker extension, in vLLM's dev mode
+(`VLLM_SERVER_DEV_MODE=1` opens `/collective_rpc` and the RL endpoints): by default the compact
+compiled class holding L − k layers (`python -m nested_reft.serve MODEL --skip-k K`), which samples
+skip sets of exactly k layers, or with `--eager` the run-time-skip class, any skip set. `python -m
+nested_reft.serve` starts it with the flags below (`server_flags`); this client checks them against
+the server's `/server_info` before it samples anything, and learns k from `nested_reft_info`.
 
 - Sampling: `/v1/completions`, one request per prompt (request i of a call is seeded with
   seed + i), sent concurrently so that vLLM batches them; token ids in, token ids and the
   sampler's processed log-probs out (`--logprobs-mode processed_logprobs`), as `VLLMEngine`.
-- Skip set: `/collective_rpc` -> `nested_reft_set_skip`, between `/pause?mode=wait` and
-  `/resume`, so no request samples across two skip sets.
+- Skip set: `/collective_rpc` -> `nested_reft_set_skip` (eager) or `nested_reft_use_kept` with the
+  kept layers (compact: the workers load the layers that moved into a slot from their own host
+  copy of every layer, which every weight update below keeps current), between `/pause?mode=wait`
+  and `/resume`, so no request samples across two skip sets. A compact server refuses, before
+  anything is sent, a skip set whose size is not its k, the empty one (evaluation, the
+  full-model probe) included.
 - Weights: vLLM's weight-transfer engine when the server has one (`nccl`: the trainer joins the
   workers' NCCL group, across nodes; `ipc`: CUDA IPC handles, trainer and server on one GPU),
   driven by vLLM's own trainer-side engines over `/init_weight_transfer_engine`,
@@ -52,7 +58,7 @@ import torch
 
 from .base import RolloutEngine, RolloutEngineUnavailable, Rollouts, SamplingSpec, request_seeds
 from .vllm_engine import WORKER_EXTENSION
-from .vllm_plugin import SKIP_ARCHITECTURES
+from .vllm_plugin import COMPACT_ARCHITECTURES, SKIP_ARCHITECTURES
 from .vllm_worker import DEFAULT_WEIGHTS_DIR, PROBE_FILE, weights_file
 
 logger = logging.getLogger(__name__)
@@ -62,11 +68,20 @@ MAX_CONCURRENT_REQUESTS = 256
 START_HINT = "start it with: python -m nested_reft.serve <model> --port <port> (docs/vllm_engine.md, server mode)."
 
 
-def server_flags(architecture: str, weight_transfer: str | None = None, cpu: bool = False) -> list[str]:
-    """The `vllm serve` flags server mode needs, besides the model and the user's own."""
-    flags = ["--hf-overrides", json.dumps({"architectures": [architecture]}),
-             "--worker-extension-cls", WORKER_EXTENSION,
-             "--enforce-eager",  # the skip set is read at every forward: a captured graph would freeze one
+def server_flags(architecture: str, weight_transfer: str | None = None, cpu: bool = False,
+                 compact: dict | None = None) -> list[str]:
+    """The `vllm serve` flags server mode needs, besides the model and the user's own. `compact`:
+    the compact model's config overrides (`compact_overrides`), served compiled with a host copy
+    of every layer; None: the eager run-time-skip class."""
+    if compact is None:
+        overrides = {"architectures": [architecture]}
+        # the skip set is read at every forward: a captured graph would freeze one
+        mode = ["--enforce-eager"]
+    else:
+        overrides = {"architectures": [architecture], **compact, "nested_reft_host_copy": True}
+        mode = []  # compiled (and CUDA graphs on GPUs): the skip set is which layers sit in the slots
+    flags = ["--hf-overrides", json.dumps(overrides),
+             "--worker-extension-cls", WORKER_EXTENSION, *mode,
              "--logprobs-mode", "processed_logprobs",  # log μ of the distribution that sampled
              "--no-enable-prefix-caching"]  # a prefix cached under another skip set or weights is wrong
     if weight_transfer in ("nccl", "ipc"):
@@ -79,14 +94,20 @@ def server_flags(architecture: str, weight_transfer: str | None = None, cpu: boo
 def server_config_problems(config: dict) -> list[str]:
     """What a running server (its `/server_info` vllm_config) lacks for server mode, as flags."""
     model, problems = config.get("model_config") or {}, []
-    archs = (model.get("hf_overrides") or {}).get("architectures") or []
-    if not set(archs) & set(SKIP_ARCHITECTURES.values()):
+    overrides = model.get("hf_overrides") or {}
+    archs = overrides.get("architectures") or []
+    if set(archs) & set(COMPACT_ARCHITECTURES.values()):
+        if not overrides.get("nested_reft_host_copy"):  # the colocated engine's compact model: no host copy
+            problems.append("--hf-overrides with \"nested_reft_host_copy\": true (the compact model's workers must "
+                            "keep every layer to move one into a slot; python -m nested_reft.serve MODEL --skip-k K "
+                            "sets it)")
+    elif not set(archs) & set(SKIP_ARCHITECTURES.values()):
         problems.append(f"--hf-overrides '{{\"architectures\": [<one of {sorted(SKIP_ARCHITECTURES.values())}>]}}' "
                         f"(it serves {archs or 'the checkpoint architecture'})")
+    elif not model.get("enforce_eager"):
+        problems.append("--enforce-eager")
     if (config.get("parallel_config") or {}).get("worker_extension_cls") != WORKER_EXTENSION:
         problems.append(f"--worker-extension-cls {WORKER_EXTENSION}")
-    if not model.get("enforce_eager"):
-        problems.append("--enforce-eager")
     if model.get("logprobs_mode") != "processed_logprobs":
         problems.append(f"--logprobs-mode processed_logprobs (it has {model.get('logprobs_mode')!r})")
     if (config.get("cache_config") or {}).get("enable_prefix_caching"):
@@ -161,9 +182,22 @@ class VLLMServerEngine(RolloutEngine):
         info, config = self._coordinated(lambda: self._connect(wait_for_server, weight_transfer))
         self.weight_transfer = config
         self.num_layers, self.architecture = info["num_layers"], info["model_class"]
+        # a compact server holds L - k layers: it samples skip sets of exactly k layers
+        self.server_k = self.num_layers - info["slots"] if info.get("compact") else None
         self._expect(info)
-        logger.info("vLLM server %s: %s (%d layers), weights by %s%s", self.base_url, self.architecture,
-                    self.num_layers, self.weight_transfer, "" if self.is_sender else f" (pushed by rank {self.sender_rank})")
+        logger.info("vLLM server %s: %s (%d layers, %s), weights by %s%s", self.base_url, self.architecture,
+                    self.num_layers, self._mode(), self.weight_transfer,
+                    "" if self.is_sender else f" (pushed by rank {self.sender_rank})")
+
+    def _mode(self) -> str:
+        if self.server_k is None:
+            return "eager, any skip set"
+        return f"compact, k={self.server_k}: {self.num_layers - self.server_k} of {self.num_layers} layers"
+
+    @property
+    def serves_full_model(self) -> bool:
+        """Whether `set_skip(())` works: evaluation and the full-model probe need it."""
+        return self.server_k in (None, 0)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -310,6 +344,8 @@ class VLLMServerEngine(RolloutEngine):
         bad = [i for i in skip if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"layer indices {bad} are out of range for a model with {self.num_layers} layers")
+        if self.server_k is not None and len(skip) != self.server_k:
+            raise ValueError(self._wrong_k(skip))
         if skip == self.skip:  # the same on every rank: all ranks skip the collective together
             return
 
@@ -317,7 +353,11 @@ class VLLMServerEngine(RolloutEngine):
             if not self.is_sender:
                 return None
             with self._paused():
-                self._rpc("nested_reft_set_skip", json.dumps(list(skip)))
+                if self.server_k is None:
+                    self._rpc("nested_reft_set_skip", json.dumps(list(skip)))
+                else:  # the workers move the layers into the slots from their own copy of every layer
+                    kept = [i for i in range(self.num_layers) if i not in skip]
+                    self._rpc("nested_reft_use_kept", json.dumps(kept))
             return self._info()
 
         info = self._coordinated(step)
@@ -325,6 +365,19 @@ class VLLMServerEngine(RolloutEngine):
             raise RuntimeError(f"the vLLM server at {self.base_url} reports skip set {info['skip']} after being "
                                f"asked for {list(skip)}")
         self._expect(info)
+
+    def _wrong_k(self, skip: tuple[int, ...]) -> str:
+        served = (f"the vLLM server at {self.base_url} serves the compact compiled model for k={self.server_k} "
+                  f"({self.num_layers - self.server_k} of {self.num_layers} layers)")
+        if not skip:
+            return (f"{served}; it cannot run the full model (skip set []), which evaluation and the full-model "
+                    "probe ask for: set full_model_probe_every=0 and evaluate with the HF engine (eval_strategy "
+                    "'no' here; the recipe's own evaluation runs without the server), or start the server with "
+                    "--eager (any skip set, the full model included)")
+        return (f"skip set {list(skip)} has k={len(skip)} layers, but {served}: set skip_ratio so that "
+                f"round(skip_ratio * {self.num_layers}) = {self.server_k} (or skip_k_min = skip_k_max = {self.server_k}), "
+                f"or start the server with --skip-k {len(skip)}; a k that changes between rounds (skip_k_min < "
+                "skip_k_max, correction ess_adaptive) needs a server started with --eager")
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         n = len(prompt_token_ids)

@@ -15,7 +15,7 @@ Files: in server mode anyone who reaches the port can call these methods (vLLM's
 not guard `/collective_rpc`), so the two that open a file take only the files a trainer writes
 (`nested_reft_weights_*.safetensors`, `nested_reft_probe_*.txt`), directly in the weights folder
 (`NESTED_REFT_WEIGHTS_DIR`, set by `python -m nested_reft.serve --weights-dir`; default /dev/shm),
-after resolving links and `..`. `weights_file` is the writer's side: a fresh name in that folder,
+after resolving links and `..`; `nested_reft_use_kept` takes only a JSON list of layer indices. `weights_file` is the writer's side: a fresh name in that folder,
 removed after the load, also when the trainer is stopped with SIGTERM or exits, and, when it was
 killed outright, by the next writer on the same machine.
 """
@@ -77,8 +77,12 @@ class NestedReFTWorkerExtension:
 
     def nested_reft_info(self) -> dict:
         model = self._skip_model()
+        compact = hasattr(model, "set_kept")
         return {"num_layers": model.num_decoder_layers, "model_class": type(model).__name__,
-                "slots": len(model.model.layers), "compact": hasattr(model, "set_kept"),
+                "slots": len(model.model.layers), "compact": compact,
+                "kept": list(model.nested_reft_kept) if compact else None,
+                "host_copy": getattr(model, "nested_reft_host", None) is not None,
+                "compiled": not self.vllm_config.model_config.enforce_eager,
                 "skip": sorted(model.nested_reft_skip), "version": getattr(self, "_nested_reft_version", 0)}
 
     def nested_reft_set_skip(self, layers: list[int] | str) -> list[int]:
@@ -104,6 +108,27 @@ class NestedReFTWorkerExtension:
             model.set_kept(previous)
             raise ValueError(f"layers {missing} moved into a slot but no weights came with them")
         self._reload(named)
+        return moved
+
+    def nested_reft_use_kept(self, kept: list[int] | str) -> list[int]:
+        """Server mode (compact model with a host copy): assign the kept layers to the slots and load
+        the layers that moved from this worker's own copy of every layer, which every weight update
+        keeps current; the client sends only the list. Returns the layers that moved."""
+        model = self._skip_model()
+        host = getattr(model, "nested_reft_host", None)
+        if host is None:
+            raise TypeError(f"the served model {type(model).__name__} keeps no host copy of its layers; start the "
+                            "server with python -m nested_reft.serve MODEL --skip-k K")
+        previous = model.nested_reft_kept
+        moved = model.set_kept(json.loads(kept) if isinstance(kept, str) else kept)
+        from .vllm_compiled import layer_of
+
+        named = [(name, tensor) for name, tensor in host.items() if layer_of(name) in moved]
+        if missing := sorted(set(moved) - {layer_of(name) for name, _ in named}):
+            model.set_kept(previous)
+            raise RuntimeError(f"layers {missing} moved into a slot but this worker holds no weights for them")
+        if named:
+            self._reload(named)
         return moved
 
     def nested_reft_load_weights(self, weights) -> int:

@@ -13,11 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from safetensors.torch import load_file
 
 
-def good_config(weight_transfer: str | None = None) -> dict:
-    """The parts of /server_info's vllm_config the client checks, as `python -m nested_reft.serve` sets them."""
+def good_config(weight_transfer: str | None = None, compact_k: int | None = None, num_layers: int = 6) -> dict:
+    """The parts of /server_info's vllm_config the client checks, as `python -m nested_reft.serve` sets them
+    (`--eager`, or `--skip-k compact_k`)."""
+    if compact_k is None:
+        model = {"hf_overrides": {"architectures": ["SkipQwen2ForCausalLM"]}, "enforce_eager": True}
+    else:
+        model = {"hf_overrides": {"architectures": ["CompactQwen2ForCausalLM"], "num_hidden_layers": num_layers - compact_k,
+                                  "nested_reft_num_layers": num_layers, "nested_reft_host_copy": True},
+                 "enforce_eager": False}
     return {
-        "model_config": {"hf_overrides": {"architectures": ["SkipQwen2ForCausalLM"]}, "enforce_eager": True,
-                         "logprobs_mode": "processed_logprobs"},
+        "model_config": {**model, "logprobs_mode": "processed_logprobs"},
         "cache_config": {"enable_prefix_caching": False},
         "parallel_config": {"worker_extension_cls": "nested_reft.engines.vllm_worker.NestedReFTWorkerExtension",
                             "data_parallel_size": 1},
@@ -27,12 +33,13 @@ def good_config(weight_transfer: str | None = None) -> dict:
 
 class FakeVLLMServer:
     def __init__(self, config: dict | None = None, num_layers: int = 6, delay: float = 0.0, world_size: int = 1,
-                 api_key: str | None = None):
-        self.config = config or good_config()
+                 api_key: str | None = None, compact_k: int | None = None):
+        self.config = config or good_config(compact_k=compact_k, num_layers=num_layers)
+        self.compact_k = compact_k  # a compact server: it holds num_layers - compact_k layers, the last k skipped
         self.api_key = api_key  # as `vllm serve --api-key`: checked on /v1 paths only
         self.headers: list[dict] = []  # every request's headers
         self.num_layers, self.delay, self.world_size = num_layers, delay, world_size
-        self.skip: list[int] = []
+        self.skip: list[int] = [] if compact_k is None else list(range(num_layers - compact_k, num_layers))
         self.version = 0
         self.paused = False
         self.loaded: dict = {}  # tensors loaded from weight files
@@ -81,11 +88,20 @@ class FakeVLLMServer:
 
     def rpc(self, method: str, *args):
         if method == "nested_reft_info":
-            return {"num_layers": self.num_layers, "model_class": "SkipQwen2ForCausalLM", "skip": self.skip,
-                    "version": self.version}
-        if method == "nested_reft_set_skip":
+            compact = self.compact_k is not None
+            kept = [i for i in range(self.num_layers) if i not in self.skip]
+            return {"num_layers": self.num_layers, "skip": self.skip, "version": self.version,
+                    "model_class": "CompactQwen2ForCausalLM" if compact else "SkipQwen2ForCausalLM",
+                    "compact": compact, "slots": len(kept) if compact else self.num_layers,
+                    "kept": kept if compact else None, "host_copy": compact, "compiled": compact}
+        if method == "nested_reft_set_skip" and self.compact_k is None:
             self.skip, self.version = sorted(json.loads(args[0])), self.version + 1
             return self.skip
+        if method == "nested_reft_use_kept" and self.compact_k is not None:
+            kept = json.loads(args[0])
+            assert len(kept) == self.num_layers - self.compact_k, kept  # the client checks k before it sends
+            self.skip, self.version = [i for i in range(self.num_layers) if i not in kept], self.version + 1
+            return kept
         if method == "nested_reft_load_weights":
             self.loaded, self.version = load_file(args[0]), self.version + 1
             return str(len(self.loaded))  # vLLM's endpoint answers non-JSON results as str

@@ -1,6 +1,7 @@
-"""Server mode on loopback: vLLM's own server (`vllm serve`, started by `python -m nested_reft.serve`)
-in a second process, `VLLMServerEngine` here. One server start for the module (about 1 min on CPU);
-the last test kills it mid-run."""
+"""Server mode on loopback: vLLM's own server (`vllm serve`, started by `python -m nested_reft.serve
+--eager`: the run-time-skip class, any skip set) in a second process, `VLLMServerEngine` here. One
+server start for the module (about 1 min on CPU); the last test kills it mid-run. The compiled
+compact server: test_vllm_server_compiled.py."""
 
 import copy
 import json
@@ -38,7 +39,7 @@ def server(small_model_dir, tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nested_reft.serve", small_model_dir, "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "nested_reft.serve", small_model_dir, "--eager", "--host", "127.0.0.1", "--port", str(port),
              "--dtype", "float32", "--max-model-len", "256", "--seed", "0"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # its own process group
         )

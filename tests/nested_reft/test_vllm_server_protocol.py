@@ -43,7 +43,7 @@ def engine(server, **kwargs) -> VLLMServerEngine:
 def test_launcher_sets_the_server_mode_flags(small_model_dir):
     from nested_reft.serve import parse_args, serve_args, serve_env
 
-    args, rest = parse_args([small_model_dir, "--port", "8001", "--dtype", "float32"])
+    args, rest = parse_args([small_model_dir, "--eager", "--port", "8001", "--dtype", "float32"])
     cpu = serve_args(args, rest, cpu=True)
     assert cpu[0] == small_model_dir and cpu[-4:] == ["--port", "8001", "--dtype", "float32"]
     assert json.loads(cpu[cpu.index("--hf-overrides") + 1]) == {"architectures": ["SkipQwen2ForCausalLM"]}
@@ -61,6 +61,63 @@ def test_launcher_sets_the_server_mode_flags(small_model_dir):
         serve_args(*parse_args([small_model_dir, "--weight-transfer", "nccl"]), cpu=True)
     with pytest.raises(SystemExit):  # a flag the launcher sets itself
         parse_args([small_model_dir, "--enable-prefix-caching"])
+
+
+def test_the_launcher_serves_the_compact_compiled_model_by_default(small_model_dir):
+    from nested_reft.serve import parse_args, serve_args, served_model
+
+    for given, k in ([], 2), (["--skip-k", "3"], 3), (["--skip-ratio", "0.34"], 2), (["--skip-k", "0"], 0):
+        command = serve_args(*parse_args([small_model_dir, *given, "--port", "8001"]), cpu=True)
+        overrides = json.loads(command[command.index("--hf-overrides") + 1])
+        assert overrides["architectures"] == ["CompactQwen2ForCausalLM"] and overrides["nested_reft_host_copy"] is True
+        assert overrides["num_hidden_layers"] == 6 - k and overrides["nested_reft_num_layers"] == 6  # round(0.25 * 6) = 2
+        assert overrides["nested_reft_kept"] == list(range(6 - k))
+        assert "--enforce-eager" not in command and command[-2:] == ["--port", "8001"]
+        assert command[command.index("--logprobs-mode") + 1] == "processed_logprobs"
+        assert "--no-enable-prefix-caching" in command and server_config_problems(
+            {"model_config": {"hf_overrides": overrides, "logprobs_mode": "processed_logprobs"},
+             "parallel_config": {"worker_extension_cls": vllm_server.WORKER_EXTENSION}}) == []
+        assert f"every round must skip exactly k={k} layers" in served_model(command)
+    with pytest.raises(SystemExit):  # one mode only
+        parse_args([small_model_dir, "--skip-k", "2", "--eager"])
+
+
+@pytest.mark.parametrize("given, message", [
+    (["--skip-k", "6"], r"--skip-k 6: .* has 6 layers; k must be in \[0, 6\)"),
+    (["--skip-k", "-1"], r"--skip-k -1: .* has 6 layers; k must be in \[0, 6\)"),
+    (["--skip-ratio", "1.0"], r"--skip-ratio 1.0: must be in \[0, 1\)"),
+])
+def test_a_k_the_model_cannot_serve_is_refused_before_vllm_starts(small_model_dir, given, message):
+    from nested_reft.serve import parse_args, serve_args
+
+    with pytest.raises(SystemExit, match=message):
+        serve_args(*parse_args([small_model_dir, *given]), cpu=True)
+
+
+def test_layers_that_differ_are_refused_by_the_compact_server_naming_the_layer(small_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from nested_reft.serve import parse_args, serve_args
+
+    config = AutoConfig.from_pretrained(small_model_dir)
+    config.layer_types = ["full_attention"] * 3 + ["sliding_attention"] + ["full_attention"] * 2
+    config.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match=r"layer 3 is 'sliding_attention' but layer 0 is 'full_attention'.* --eager"):
+        serve_args(*parse_args([str(tmp_path), "--skip-k", "2"]), cpu=True)
+    command = serve_args(*parse_args([str(tmp_path), "--eager"]), cpu=True)  # the eager class serves it
+    assert json.loads(command[command.index("--hf-overrides") + 1]) == {"architectures": ["SkipQwen2ForCausalLM"]}
+
+
+def test_a_compact_server_without_its_host_copy_is_refused():
+    config = good_config(compact_k=2)
+    del config["model_config"]["hf_overrides"]["nested_reft_host_copy"]  # the colocated engine's compact model
+    assert server_config_problems(good_config(compact_k=2)) == []
+    server = FakeVLLMServer(config, compact_k=2)
+    try:
+        with pytest.raises(ValueError, match="it needs --hf-overrides with \"nested_reft_host_copy\": true"):
+            engine(server)
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("change, flag", [
@@ -134,6 +191,36 @@ def test_skip_set_changes_between_pause_and_resume(fake):
     with pytest.raises(ValueError, match=r"\[6\] are out of range for a model with 6 layers"):
         client.set_skip((6,))
     assert len(fake.log) == count
+
+
+def test_a_compact_server_gets_only_the_kept_layers_and_refuses_another_k(tmp_path):
+    server = FakeVLLMServer(compact_k=2)
+    try:
+        client = engine(server, weights_dir=str(tmp_path))
+        assert client.server_k == 2 and client.skip == (4, 5) and not client.serves_full_model
+        start = len(server.log)
+        client.set_skip([3, 1])
+        assert server.paths()[start:] == ["/pause", "/collective_rpc", "/resume", "/collective_rpc"]
+        assert server.rpcs()[-2:] == [("nested_reft_use_kept", ["[0, 2, 4, 5]"]), ("nested_reft_info", [])]
+        assert client.skip == (1, 3)
+        count = len(server.log)
+        with pytest.raises(ValueError, match=r"skip set \[1, 2, 3\] has k=3 layers, but the vLLM server at .* serves "
+                                             r"the compact compiled model for k=2 \(4 of 6 layers\): set skip_ratio so "
+                                             r"that round\(skip_ratio \* 6\) = 2 .* --skip-k 3"):
+            client.set_skip((1, 2, 3))
+        with pytest.raises(ValueError, match=r"cannot run the full model \(skip set \[\]\), which evaluation and the "
+                                             r"full-model probe ask for: set full_model_probe_every=0 .* --eager"):
+            client.set_skip(())
+        assert len(server.log) == count  # refused before anything is sent
+        client.load_weights([("model.layers.5.mlp.up_proj.weight", torch.ones(2))])  # weights: the same file path
+        assert [m for m, _ in server.rpcs()][-2:] == ["nested_reft_load_weights", "nested_reft_info"]
+        client.generate([[1]], SamplingSpec(max_new_tokens=1))
+    finally:
+        server.close()
+
+
+def test_an_eager_server_serves_the_full_model(fake):
+    assert engine(fake).server_k is None and engine(fake).serves_full_model
 
 
 def test_a_change_made_by_another_client_is_caught(fake):
