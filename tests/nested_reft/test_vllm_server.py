@@ -32,21 +32,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(small_model_dir, tmp_path_factory):
+def start_server(model_dir: str, tmp_path_factory, *mode: str) -> SimpleNamespace:
+    """`python -m nested_reft.serve model_dir *mode` on a free loopback port, in its own process group."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nested_reft.serve", small_model_dir, "--eager", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "nested_reft.serve", model_dir, *mode, "--host", "127.0.0.1", "--port", str(port),
              "--dtype", "float32", "--max-model-len", "256", "--seed", "0"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # its own process group
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+
+
+@pytest.fixture(scope="module")
+def server(small_model_dir, tmp_path_factory):
+    s = start_server(small_model_dir, tmp_path_factory, "--eager")
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+        yield s
     finally:
-        stop(proc)
+        stop(s.proc)
 
 
 def stop(proc, sig=signal.SIGTERM) -> None:
