@@ -52,27 +52,42 @@ RUNS = ("trl-hf", "ours-hf", "trl-vllm", "ours-vllm")
 VARIANTS = ("onpolicy", "tis", "seq_is", "retrace")
 
 
+def _split_variant(variant: str) -> tuple[str, int | None]:
+    """'tis-async2' -> ('tis', 2); 'tis' -> ('tis', None)."""
+    base, marker, staleness = variant.partition("-async")
+    return base, (int(staleness) if marker and staleness.isdigit() and int(staleness) >= 1 else -1 if marker else None)
+
+
 def parse_run(name: str) -> tuple[str, str]:
-    """'trl-vllm' -> ('trl', 'vllm'); 'ours-retrace-hf' -> ('ours', 'hf')."""
+    """'trl-vllm' -> ('trl', 'vllm'); 'ours-retrace-hf' -> ('ours', 'hf'); 'ours-tis-async1-hf' -> ('ours', 'hf')."""
     head, _, engine = name.rpartition("-")
     side, dash, variant = head.partition("-")
-    if side not in ("trl", "ours") or engine not in ("hf", "vllm") or (dash and (side == "trl" or variant not in VARIANTS)):
+    base, staleness = _split_variant(variant)
+    if side not in ("trl", "ours") or engine not in ("hf", "vllm") or (dash and (side == "trl" or base not in VARIANTS
+                                                                                  or staleness == -1)):
         raise ValueError(f"run {name!r}: expected one of {', '.join(RUNS)}, or ours-<variant>-<engine> with a variant "
-                         f"from {', '.join(VARIANTS)}")
+                         f"from {', '.join(VARIANTS)}, optionally asynchronous: ours-<variant>-async<N>-<engine> "
+                         "(max_staleness N >= 1)")
     return side, engine
 
 
 def run_variant(name: str) -> str | None:
-    """'ours-retrace-hf' -> 'retrace'; None for the config's own settings."""
+    """'ours-retrace-hf' -> 'retrace'; 'ours-tis-async1-hf' -> 'tis'; None for the config's own settings."""
     head = name.rpartition("-")[0]
-    return head.partition("-")[2] or None
+    return _split_variant(head.partition("-")[2])[0] or None
+
+
+def run_staleness(name: str) -> int | None:
+    """'ours-tis-async2-hf' -> 2 (async_rollouts with max_staleness 2); None: synchronous."""
+    return _split_variant(name.rpartition("-")[0].partition("-")[2])[1]
 
 
 def run_order(name: str) -> tuple:
-    """TRL first, then ours with the config's settings, on-policy, and the corrections in VARIANTS order."""
+    """TRL first, then ours with the config's settings, on-policy, and the corrections in VARIANTS order;
+    each synchronous before its asynchronous runs."""
     side, engine = parse_run(name)
     variant = run_variant(name)
-    return (engine, side != "trl", -1 if variant is None else VARIANTS.index(variant))
+    return (engine, side != "trl", -1 if variant is None else VARIANTS.index(variant), run_staleness(name) or 0)
 
 
 # --------------------------------------------------------------------------- TRL colocated vLLM shim
@@ -216,8 +231,14 @@ def run_one(name: str, seed: int, args) -> dict:
     curve: list[dict] = []
     clock = {"start": 0.0, "paused": 0.0}
     model_ref = [model]
+    trainer_ref = [None]
 
     def evaluate(step: int) -> None:
+        # an asynchronous run's producer would sample on while the clock is paused: let it finish the
+        # rounds it has in flight first, on the clock (the trainer then idles, which a run without
+        # evaluations would not: this errs against asynchronous runs)
+        for job in list(getattr(trainer_ref[0], "_jobs", {}).values()):
+            job.future.exception()
         t = time.perf_counter()
         r = evaluate_math(model_ref[0], tokenizer, test, temperature=0.0, max_new_tokens=cfg["eval_max_new_tokens"], batch_size=64)
         elapsed = t - clock["start"] - clock["paused"] if clock["start"] else 0.0
@@ -252,14 +273,16 @@ def run_one(name: str, seed: int, args) -> dict:
             skip_ratio = 0.0
         elif variant is not None:
             correction, clip = variant, None  # the correction's own default clip
+        staleness = run_staleness(name)
         targs = NestedReFTConfig(engine=engine, vllm_dtype=cfg["vllm_dtype"], skip_ratio=skip_ratio,
+                                 async_rollouts=staleness is not None, max_staleness=staleness or 1,
                                  correction=correction, clip=clip, keep_first=cfg["keep_first"],
                                  keep_last=cfg["keep_last"], skip_mode=cfg["skip_mode"],
                                  filter_groups=cfg.get("filter_groups", False),
                                  rollout_batch_size=cfg["rollout_batch_size"], full_model_probe_every=0, **common)
         engine_obj = ours_vllm_engine(targs, model, tokenizer, args.compiled) if engine == "vllm" else None
         trainer = NestedReFTTrainer(args=targs, engine=engine_obj, **kw)
-    model_ref[0] = trainer.model
+    model_ref[0], trainer_ref[0] = trainer.model, trainer
     construct = time.perf_counter() - clock["start"]
     trainer.train()
     total = time.perf_counter() - clock["start"] - clock["paused"]
@@ -268,6 +291,7 @@ def run_one(name: str, seed: int, args) -> dict:
     return {"name": name, "seed": seed, "side": side, "engine": engine, "curve": curve, "construct_seconds": construct,
             "train_wall_seconds": total, "steps": trainer.state.global_step,
             "skip_ratio": getattr(targs, "skip_ratio", 0.0), "correction": getattr(targs, "correction", None),
+            "max_staleness": run_staleness(name) if side == "ours" else None, "threads": args.threads,
             "load_average_1min": os.getloadavg()[0], "logs": logs_}
 
 

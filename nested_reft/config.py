@@ -103,6 +103,10 @@ class NestedReFTConfig(GRPOConfig):
     rollout_compact_every: int = field(default=32, metadata={"help": "engine='hf': generate in phases of this many tokens and drop the rows that finished before the next phase (continuing the others from their KV cache), so one long completion does not hold the whole batch; 0: one generate() call per batch (rows decode until the longest ends)."})
     full_model_probe_every: int = field(default=10, metadata={"help": "Every N generation rounds (from the first, or the next round that skips layers), time the full model and that round's behavior model on the same fixed-length workload: one prompt per group, full_model_probe_tokens tokens each, EOS ignored; logged as rollout/full_tokens_per_s, rollout/probe_behavior_tokens_per_s and rollout/probe_speedup on the rounds measured, samples discarded. 0: never."})
     full_model_probe_tokens: int = field(default=64, metadata={"help": "Tokens per prompt of the probe's fixed-length workload (at most max_completion_length)."})
+    # --- asynchronous rollouts (docs/async.md)
+    async_rollouts: bool = field(default=False, metadata={"help": "Sample the next generation rounds on a producer thread while the trainer trains on this one: each round is sampled with the weights of the step it was submitted at (at most max_staleness optimizer steps old) and its own skip set, and the correction weights cover both. One training process; engine hf (its own copy of the policy), vllm or vllm_server; no tools, filter_groups, sleep mode or behavior_logprobs='rescore'."})
+    max_staleness: int = field(default=1, metadata={"help": "async_rollouts: the most optimizer steps between the weights that sampled a round and the step that trains on it (1: one-step-off). The producer runs max_staleness // (optimizer steps per round) rounds ahead; an older round is dropped, counted (async/dropped_rounds) and sampled again."})
+    staleness_split: bool = field(default=True, metadata={"help": "async_rollouts: log the per-token log-ratio log π_old - log μ split into staleness (π_old against the unskipped stale policy) and skipping (the stale policy against its skipped self), at the cost of one more forward per round."})
 
     def __post_init__(self):
         self.validate_nested_reft()
@@ -141,6 +145,7 @@ class NestedReFTConfig(GRPOConfig):
 
     def validate_nested_reft(self) -> None:
         self.validate_numbers()
+        self.validate_async()
         if self.correction not in METHODS:
             raise ValueError(f"correction must be one of {METHODS}, got {self.correction!r}")
         if self.skip_mode not in MODES:
@@ -211,6 +216,34 @@ class NestedReFTConfig(GRPOConfig):
                              f"{self.balcony_distill_batch_size!r}")
         if self.balcony_kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"balcony_kl_reduction must be one of {KL_REDUCTIONS}, got {self.balcony_kl_reduction!r}")
+
+    def steps_per_round(self) -> int:
+        """Optimizer steps trained on one generation round (TRL's steps_per_generation defaults to
+        gradient_accumulation_steps)."""
+        per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+        return max(1, per_generation * self.num_iterations // self.gradient_accumulation_steps)
+
+    def validate_async(self) -> None:
+        if self.max_staleness < 1:
+            raise ValueError(f"max_staleness must be >= 1 optimizer step, got {self.max_staleness!r}")
+        if not self.async_rollouts:
+            return
+        refused = {"filter_groups=True": self.filter_groups, "vllm_enable_sleep_mode=True": self.vllm_enable_sleep_mode,
+                   f"behavior={self.behavior!r}": self.behavior != "skip",
+                   "behavior_logprobs='rescore'": self.behavior_logprobs == "rescore"}
+        why = {"filter_groups=True": "its refills are sampled inside the round, with the current weights",
+               "vllm_enable_sleep_mode=True": "the engine would sleep while the producer samples",
+               f"behavior={self.behavior!r}": "the producer samples layer-skipped copies only",
+               "behavior_logprobs='rescore'": "the trainer would score stale samples with the current weights, so μ "
+                                              "would miss the staleness"}
+        for name, bad in refused.items():
+            if bad:
+                raise ValueError(f"async_rollouts=True does not run with {name}: {why[name]}")
+        per_round = self.steps_per_round()
+        if self.max_staleness < per_round:
+            raise ValueError(f"max_staleness={self.max_staleness} is less than the {per_round} optimizer steps one "
+                             "generation round trains for (steps_per_generation * num_iterations / "
+                             "gradient_accumulation_steps): every round would be too stale to use")
 
     def validate_sampler(self) -> None:
         """Every sampler setting is forwarded to the engine and to μ, or rejected here."""

@@ -9,15 +9,20 @@ term (unweighted, as in TRL), logging, checkpoints and PEFT left to TRL.
 
 TRL's hooks this class overrides, in the order they run in one training step:
 
+0. `get_batch_samples` (transformers'; with `async_rollouts` ours reads the data iterator ahead so
+   the producer can sample the coming rounds: `async_rollouts.py`);
 1. `training_step` (TRL's, then ours: flags a non-finite loss for the optimizer guard) calls
 2. `_prepare_inputs` — on the first micro-step of a round TRL calls
 3. `_generate_and_score_completions`, which calls
 4. `_generate` (ours: wake the engine, open the round: sync weights, draw and set the skip set;
+   with `async_rollouts`: take the round the producer sampled ahead and submit the next ones;
    close it: round metrics, the full-model probe), which calls, once per turn (tool calls add turns),
-5. `_generate_single_turn` (ours: the engine samples, returning tokens and μ);
+5. `_generate_single_turn` (ours: the engine samples, returning tokens and μ; asynchronous: the
+   producer's samples);
    back in `_generate_and_score_completions` TRL computes rewards (`_calculate_rewards`, ours:
    inf made NaN, counted) and advantages, then ours adds π_old (dropout off), the finiteness
-   check, the correction weights and the diagnostics; with `filter_groups` ours repeats 3-5 for
+   check, the correction weights and the diagnostics (asynchronous: the log-ratio split into
+   staleness and skipping); with `filter_groups` ours repeats 3-5 for
    more prompts until the round's groups all carry signal (`dynamic_sampling.py`);
    back in `_prepare_inputs` TRL splits the round into batches (ours trims unused padding);
 6. `compute_loss` (TRL's `_compute_loss`, plus a backbone's auxiliary loss: `aux_loss.py`), then
@@ -25,7 +30,8 @@ TRL's hooks this class overrides, in the order they run in one training step:
    master weights for half-precision parameters: `master_weights.py`);
 7. `_save_checkpoint` / `_load_optimizer_and_scheduler` (private; overridden because the skip
    policy's RNG, the round counter and a round's remaining batches must be saved and restored
-   with the step, and TRL's `_buffered_inputs` lives outside transformers' callback state).
+   with the step, and TRL's `_buffered_inputs` lives outside transformers' callback state; the
+   producer's rounds in flight are saved with them).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable
 
+from .async_rollouts import AsyncRolloutsMixin
 from .aux_loss import GRPOAuxLossMixin
 from .config import NestedReFTConfig
 from .controller import AdaptiveSkipController
@@ -58,6 +65,7 @@ from .dynamic_sampling import (
 from .engines import RolloutEngine, RolloutEngineUnavailable, SamplingSpec
 from .engines.base import MAX_TURNS, round_seed
 from .engines.factory import build_engine
+from .engines.hf_copy import OwnWeightsHFEngine
 from .engines.weights import changed_weights
 from .master_weights import MasterWeightAdamW, MasterWeightsMixin
 from .reward_guard import GuardedReward
@@ -112,7 +120,7 @@ def trim_completion_padding(inputs: dict) -> dict:
     return trimmed
 
 
-class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
+class NestedReFTTrainer(AsyncRolloutsMixin, GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
     """GRPO with rollouts from a layer-skipped copy of the policy, corrected off-policy.
 
     Takes every argument of `trl.GRPOTrainer`; `args` is a `NestedReFTConfig`. `engine` may be
@@ -154,7 +162,13 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
                 self.skip_policy.mean_skip_ratio, a.ess_target, a.ess_band, a.skip_ratio_min, a.skip_ratio_max,
                 a.skip_ratio_step,
             )
+        if engine is None and a.async_rollouts and a.engine == "hf":  # the producer samples from its own copy
+            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+            engine = OwnWeightsHFEngine(policy, self._tokenizer, eos_token_ids=self.eos_token_ids, autocast_dtype=autocast,
+                                        batch_size=a.rollout_batch_size, compact_every=a.rollout_compact_every,
+                                        cache_implementation=a.cache_implementation)
         self.engine = engine or build_engine(a, policy, self._tokenizer, self.eos_token_ids)
+        self._check_fixed_k_engine()
         self._synced_step: int | None = None
         self._round = 0
         self._round_skip: tuple[int, ...] = ()
@@ -171,15 +185,38 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         # π_old and a re-scored μ are computed with dropout off, as the sampler runs
         self._dropout_active = has_active_dropout(policy)
         self._row_rewards: torch.Tensor | None = None  # the last scored rows' weighted rewards
+        self._init_async(bound.get("tools"))
         if a.filter_groups and self.accelerator.num_processes > 1:
             raise ValueError(f"filter_groups=True runs in one training process; this run has {self.accelerator.num_processes} "
                              "(each would keep a different number of groups)")
 
+    def _check_fixed_k_engine(self) -> None:
+        """A compiled server holds L - k layers for one k: refuse, before training starts, a skip
+        policy that draws other sizes and anything that needs the full model from it."""
+        k = getattr(self.engine, "server_k", None)
+        if k is None:
+            return
+        a, drawn = self.args, self.skip_policy.k_range
+        if drawn != (k, k) or self.skip_controller is not None:
+            sizes = "k steered by correction='ess_adaptive'" if self.skip_controller else f"k in {list(drawn)}"
+            raise ValueError(f"the vLLM server serves the compact compiled model for k={k} skipped layers, but this "
+                             f"run draws {sizes}: set skip_ratio so that round(skip_ratio * "
+                             f"{self.skip_policy.num_layers}) = {k} (or skip_k_min = skip_k_max = {k}), or start the "
+                             "server with --eager for skip sets of any size")
+        if k and (a.full_model_probe_every or a.eval_strategy != "no"):
+            needs = "the full-model probe (full_model_probe_every)" if a.full_model_probe_every else "evaluation"
+            raise ValueError(f"{needs} samples with the full model, which the vLLM server serving the compact "
+                             f"compiled model for k={k} cannot run: set full_model_probe_every=0 and "
+                             "eval_strategy='no' (evaluate afterwards with the HF engine), or start the server with "
+                             "--eager")
+
     # ------------------------------------------------------------------ generation
 
-    def _sampling(self, turn: int, max_new_tokens: int | None = None) -> SamplingSpec:
-        """Turn `turn` of this round on this rank gets seeds no other (round, turn, rank) shares."""
-        seed = round_seed(self.args.seed, self._round, self.accelerator.process_index, turn)
+    def _sampling(self, turn: int, max_new_tokens: int | None = None, round_index: int | None = None) -> SamplingSpec:
+        """Turn `turn` of this round (or of round `round_index`) on this rank gets seeds no other
+        (round, turn, rank) shares."""
+        round_index = self._round if round_index is None else round_index
+        seed = round_seed(self.args.seed, round_index, self.accelerator.process_index, turn)
         return SamplingSpec(max_new_tokens=max_new_tokens or self.max_completion_length,
                             temperature=self.temperature, top_k=self.top_k or 0,
                             top_p=self.top_p if self.top_p is not None else 1.0, min_p=self.min_p or 0.0,
@@ -187,6 +224,14 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
 
     def _generate(self, prompts: list):
         mode = "train" if self.model.training else "eval"
+        if self.args.async_rollouts and mode == "train":  # sampled ahead by the producer
+            self._open_async_round(prompts)
+            try:
+                output = super()._generate(prompts)
+            finally:
+                self._round_open = False
+            self._end_round(mode, output[0])
+            return output
         if self.engine.sleep_enabled:  # the colocated engine slept through the optimizer step
             self.engine.wake_up()
         with self._whole_policy_for_sampling():
@@ -215,7 +260,7 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         skip = self.skip_policy.draw() if mode == "train" else ()  # evaluation uses the target model
         if mode == "train" and self.accelerator.num_processes > 1:
             self._check_same_skip_on_all_ranks(skip)
-        self.engine.set_skip(skip)
+        self._engine_call(self.engine.set_skip, skip)
         if hasattr(self.engine, "last_load_seconds"):  # the compiled engine: this round's weights into its slots
             self._metrics[mode]["rollout/weight_load_seconds"].append(self.engine.last_load_seconds)
         self._round_skip = skip
@@ -234,8 +279,10 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
             raise ValueError("Nested-ReFT rollout engines generate text only; this batch has images")
         if not self._round_open:
             raise RuntimeError("_generate_single_turn runs inside a generation round (NestedReFTTrainer._generate)")
+        if self._async_job is not None:
+            return self._async_rollouts_for(prompt_ids)
         try:
-            rollouts = self.engine.generate(prompt_ids, self._sampling(self._turn))
+            rollouts = self._engine_call(self.engine.generate, prompt_ids, self._sampling(self._turn))
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(self._generation_oom_message(len(prompt_ids))) from e
         self._turn += 1
@@ -286,16 +333,22 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         prompts = prompt_ids[:: self.num_generations] or prompt_ids[:1]
         n = min(self.max_completion_length, self.args.full_model_probe_tokens)
         sampling = self._sampling(MAX_TURNS - 1, max_new_tokens=n)  # a turn no real turn uses
-        skip = self.engine.skip
+        behavior, full = self._engine_call(self._probe_speeds, prompts, sampling, self._round_skip)
+        metrics["rollout/full_tokens_per_s"].append(full)
+        metrics["rollout/probe_behavior_tokens_per_s"].append(behavior)
+        metrics["rollout/probe_speedup"].append(behavior / full if full > 0 else 0.0)
+
+    def _probe_speeds(self, prompts, sampling: SamplingSpec, skip: tuple[int, ...]) -> tuple[float, float]:
+        """Tokens/s of the behavior model (`skip`) and of the full model; the engine keeps its skip set."""
+        kept = self.engine.skip
         try:
+            self.engine.set_skip(skip)
             behavior = self.engine.generate(prompts, sampling, ignore_eos=True).tokens_per_s
             self.engine.set_skip(())
             full = self.engine.generate(prompts, sampling, ignore_eos=True).tokens_per_s
         finally:
-            self.engine.set_skip(skip)
-        metrics["rollout/full_tokens_per_s"].append(full)
-        metrics["rollout/probe_behavior_tokens_per_s"].append(behavior)
-        metrics["rollout/probe_speedup"].append(behavior / full if full > 0 else 0.0)
+            self.engine.set_skip(kept)
+        return behavior, full
 
     def _sync_engine_weights(self, mode: str) -> None:
         """Push what the optimizer changed to an engine with its own weights, once per global step
@@ -303,6 +356,11 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         if self.engine.shares_policy_weights or self._synced_step == self.state.global_step:
             return
         start = time.perf_counter()
+        if self._producer is not None:  # the producer's engine takes weights on its own thread, as a snapshot
+            self._producer.call(self._producer.load, self._weights_now())
+            self._synced_step = self.state.global_step
+            self._metrics[mode]["rollout/weight_sync_seconds"].append(time.perf_counter() - start)
+            return
         # under ZeRO-3 each rank holds shards: every rank gathers the whole tensors to send them
         with self._dist.gather_params(list(self.model.parameters())), \
                 changed_weights(self.accelerator.unwrap_model(self.model)) as named:
@@ -440,6 +498,7 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
         metrics = self._metrics["train"]
         for key, value in stats.items():  # over all ranks' tokens, like TRL's own metrics
             metrics[f"correction/{key}"].append(value)
+        self._log_staleness_split(output, old, behavior, mask)
         metrics["correction/seconds"].append(time.perf_counter() - start)
         if self.skip_controller is not None:  # every rank sees the same global ESS, so the same k
             self.skip_policy.set_skip_ratio(self.skip_controller.update(stats["ess"]))
@@ -567,6 +626,8 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
             return super().train(*args, **kwargs)
         except RolloutEngineUnavailable as e:
             raise self._stop_without_engine(e) from None
+        finally:
+            self._close_producer()
 
     def _stop_without_engine(self, error: RolloutEngineUnavailable) -> RolloutEngineUnavailable:
         """Save the last completed optimizer step (the failed round's skip-set draw undone, so a
@@ -601,6 +662,7 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
                 # a checkpoint inside a round: keep the round's remaining batches, so a resumed run
                 # trains on them as the uninterrupted one does instead of sampling a new round
                 save_round_buffer(folder, self._step, self._buffered_inputs)
+            self._save_async_state(folder)  # the rounds the producer sampled ahead
             path = os.path.join(folder, self.SKIP_STATE_FILE)
             with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
                 json.dump(state, f)
@@ -626,6 +688,7 @@ class NestedReFTTrainer(GRPOAuxLossMixin, MasterWeightsMixin, GRPOTrainer):
                 self.skip_policy.set_skip_ratio(state["skip_ratio"])
         if not checkpoint:
             return
+        self._load_async_state(checkpoint)
         # TRL counts micro-steps from 0 in every process; a resumed run continues the count, so a
         # new round starts where the uninterrupted run started one
         self._step = self._checkpoint_step(checkpoint) * self.args.gradient_accumulation_steps

@@ -122,6 +122,20 @@ class SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float32)
 
 
+class GeneratorDraw(LogitsProcessor):
+    """Samples from softmax(scores) with its own `torch.Generator` and leaves only the drawn token
+    (0 there, -inf elsewhere), so greedy decoding emits it. generate() itself draws from the
+    process-wide RNG, which another thread (the trainer, beside an asynchronous producer) also
+    draws from: with this processor last, the samples depend on the seed alone."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
 def _generation_owner(model: nn.Module) -> nn.Module:
     """The transformers model whose `generation_config` generate() reads (PEFT wraps it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -168,13 +182,18 @@ class HFEngine(RolloutEngine):
     decodes every row of a batch until its longest one ends, so one long completion holds up the
     whole round. Each phase samples from the same processed distribution (μ is recorded per phase),
     so only the random stream differs from one call.
+
+    `private_rng=True` draws the samples with the engine's own generator (`GeneratorDraw`) instead of
+    the process-wide RNG: the samples then depend on `sampling.seed` only, whatever other threads
+    draw meanwhile (the asynchronous producer runs beside the trainer). Same distribution, same μ;
+    a different random stream from the default.
     """
 
     shares_policy_weights = True
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_ids: Iterable[int] | None = None,
                  batch_size: int = 64, score_logprobs: bool = True, logprobs_source: str = "sampler",
-                 cache_implementation: str | None = None, compact_every: int = 0):
+                 cache_implementation: str | None = None, compact_every: int = 0, private_rng: bool = False):
         if compact_every < 0:
             raise ValueError(f"compact_every must be >= 0 (0: one generate() call per batch), got {compact_every!r}")
         if logprobs_source not in LOGPROB_SOURCES:
@@ -188,6 +207,8 @@ class HFEngine(RolloutEngine):
         self.logprobs_source = logprobs_source
         self.cache_implementation = cache_implementation
         self.compact_every = compact_every
+        self.private_rng = private_rng
+        self._generator: torch.Generator | None = None  # the round's own generator (private_rng)
         self.num_layers = num_decoder_layers(model)
         ignored = checkpoint_sampler_settings(model)
         if ignored:
@@ -241,8 +262,10 @@ class HFEngine(RolloutEngine):
         # μ is recorded only when it is reported: the throughput meter and `rescore` skip the per-step log-softmax
         recorder = SampledLogprobRecorder() if self.score_logprobs and self.logprobs_source == "sampler" else None
         # generate() itself adds no warper (temperature 1, top-k 0, top-p 1): ours run, last.
+        # With a private generator ours also draws, and greedy decoding emits the drawn token.
+        draw = [GeneratorDraw(self._generator)] if self._generator is not None else []
         config = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            do_sample=not draw, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens if ignore_eos else None, eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id, cache_implementation=self.cache_implementation if cache is None else None,
             disable_compile=True, return_dict_in_generate=True,
@@ -250,7 +273,7 @@ class HFEngine(RolloutEngine):
         with neutral_generation_config(self.model):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache,
-                logits_processor=LogitsProcessorList([*sampling_processors(sampling), *([recorder] if recorder else [])]),
+                logits_processor=LogitsProcessorList([*sampling_processors(sampling), *([recorder] if recorder else []), *draw]),
             )
         new = out.sequences[:, ids.shape[1]:]
         logps = recorder.finish(out.sequences).tolist() if recorder else [[] for _ in range(ids.size(0))]
@@ -259,7 +282,8 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec, *, ignore_eos: bool = False) -> Rollouts:
         """`ignore_eos`: sample exactly max_new_tokens per prompt (EOS suppressed; for throughput).
-        The global RNG is left as it was: `sampling.seed` seeds a forked generator."""
+        The global RNG is left as it was: `sampling.seed` seeds a forked generator (or, with
+        `private_rng`, the engine's own)."""
         if self.score_logprobs and self.logprobs_source == "rescore" and not sampling.only_temperature:
             raise ValueError(f"logprobs_source='rescore' scores softmax(logits / T) only; this sampler also applies "
                              f"top_k={sampling.top_k}, top_p={sampling.top_p}, min_p={sampling.min_p}, "
@@ -267,10 +291,18 @@ class HFEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
+        # forking would restore the global RNG on exit, undoing another thread's draws meanwhile
+        rng_scope = contextlib.nullcontext() if self.private_rng else torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [])
         try:
-            with skip_layers(self.model, self.skip), torch.random.fork_rng(
-                    devices=[device] if device.type == "cuda" else []):
-                if sampling.seed is not None:
+            with skip_layers(self.model, self.skip), rng_scope:
+                if self.private_rng:
+                    self._generator = torch.Generator(device)
+                    if sampling.seed is not None:
+                        self._generator.manual_seed(sampling.seed)
+                    else:
+                        self._generator.seed()
+                elif sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 start = time.perf_counter()
                 completions: list[list[int]] = []
@@ -290,6 +322,7 @@ class HFEngine(RolloutEngine):
                     lp_s = time.perf_counter() - start
         finally:
             self.model.train(was_training)
+            self._generator = None
         return Rollouts(completions, logprobs, self.skip, gen_s, lp_s)
 
     def load_weights(self, named_tensors) -> None:

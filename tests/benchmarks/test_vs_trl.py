@@ -21,11 +21,16 @@ def test_parse_run():
     assert vs_trl.parse_run("ours-hf") == ("ours", "hf") and vs_trl.run_variant("ours-hf") is None
     assert vs_trl.parse_run("ours-seq_is-vllm") == ("ours", "vllm") and vs_trl.run_variant("ours-seq_is-vllm") == "seq_is"
     assert vs_trl.run_variant("ours-onpolicy-hf") == "onpolicy"
-    for bad in ("trl", "ours-sglang", "skip0.25", "trl-tis-hf", "ours-ppo-hf", "ours--hf"):
+    assert vs_trl.parse_run("ours-tis-async4-hf") == ("ours", "hf")
+    assert vs_trl.run_variant("ours-tis-async4-hf") == "tis" and vs_trl.run_staleness("ours-tis-async4-hf") == 4
+    assert vs_trl.run_staleness("ours-tis-hf") is None and vs_trl.run_staleness("trl-hf") is None
+    for bad in ("trl", "ours-sglang", "skip0.25", "trl-tis-hf", "ours-ppo-hf", "ours--hf", "ours-tis-async0-hf",
+                "ours-tis-asyncx-hf", "ours-ppo-async1-hf"):
         with pytest.raises(ValueError, match="expected one of"):
             vs_trl.parse_run(bad)
-    names = ["ours-retrace-hf", "ours-hf", "trl-hf", "ours-onpolicy-hf", "ours-tis-hf"]
-    assert sorted(names, key=vs_trl.run_order) == ["trl-hf", "ours-hf", "ours-onpolicy-hf", "ours-tis-hf", "ours-retrace-hf"]
+    names = ["ours-retrace-hf", "ours-tis-async8-hf", "ours-hf", "trl-hf", "ours-onpolicy-hf", "ours-tis-async4-hf", "ours-tis-hf"]
+    assert sorted(names, key=vs_trl.run_order) == ["trl-hf", "ours-hf", "ours-onpolicy-hf", "ours-tis-hf", "ours-tis-async4-hf",
+                                                   "ours-tis-async8-hf", "ours-retrace-hf"]
 
 
 def test_time_to_reach_ignores_step_zero():

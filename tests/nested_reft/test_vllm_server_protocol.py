@@ -444,3 +444,32 @@ def test_ipc_weight_transfer_request_sequence(monkeypatch):
         assert handles == [{"GPU-0": ("handle", (5, 4))}, {"GPU-0": ("handle", (4,))}]
     finally:
         server.close()
+
+
+def test_the_trainer_refuses_what_a_compact_server_cannot_serve_before_training(tmp_path, small_model_dir, chat_tokenizer):
+    from datasets import Dataset
+
+    from nested_reft.config import NestedReFTConfig
+    from nested_reft.trainer import NestedReFTTrainer
+
+    server = FakeVLLMServer(compact_k=2)
+    try:
+        client = engine(server, weights_dir=str(tmp_path))
+
+        def trainer(**overrides):
+            args = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                        num_generations=4, skip_ratio=0.34, full_model_probe_every=0, keep_first=1,
+                        keep_last=1) | overrides
+            return NestedReFTTrainer(model=small_model_dir, reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                                     processing_class=chat_tokenizer, engine=client, args=NestedReFTConfig(**args),
+                                     train_dataset=Dataset.from_list([{"prompt": "1 + 1 ="}] * 4))
+
+        assert trainer().skip_policy.k_range == (2, 2)  # round(0.34 * 6) = 2: the server's k
+        with pytest.raises(ValueError, match=r"serves the compact compiled model for k=2 .* this run draws k in \[3, 3\]"):
+            trainer(skip_ratio=0.5)
+        with pytest.raises(ValueError, match=r"k steered by correction='ess_adaptive'"):
+            trainer(correction="ess_adaptive")
+        with pytest.raises(ValueError, match=r"the full-model probe .* cannot run: set full_model_probe_every=0"):
+            trainer(full_model_probe_every=10)
+    finally:
+        server.close()
