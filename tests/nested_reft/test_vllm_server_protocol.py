@@ -473,3 +473,30 @@ def test_the_trainer_refuses_what_a_compact_server_cannot_serve_before_training(
             trainer(full_model_probe_every=10)
     finally:
         server.close()
+
+
+def test_asynchronous_rounds_through_a_server(tmp_path, small_model_dir, chat_tokenizer):
+    """The producer thread drives the server client: one weight load per version in flight, each
+    round's completions after its weights, one step off."""
+    from datasets import Dataset
+
+    from nested_reft.config import NestedReFTConfig
+    from nested_reft.trainer import NestedReFTTrainer
+
+    server = FakeVLLMServer()
+    try:
+        client = engine(server, weights_dir=str(tmp_path))
+        args = NestedReFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                                num_generations=4, max_completion_length=3, skip_ratio=0.34, keep_first=1, keep_last=1,
+                                full_model_probe_every=0, max_steps=3, logging_steps=1, async_rollouts=True,
+                                correction="tis")
+        trainer = NestedReFTTrainer(model=small_model_dir, processing_class=chat_tokenizer, engine=client, args=args,
+                                    reward_funcs=lambda completions, **k: [float(i % 2) for i in range(len(completions))],
+                                    train_dataset=Dataset.from_list([{"prompt": f"{i} + 1 ="} for i in range(12)]))
+        trainer.train()
+        assert [row["async/staleness"] for row in trainer.state.log_history if "async/staleness" in row] == [0, 1, 1]
+        events = [m for m, _ in server.rpcs() if m in ("nested_reft_load_weights", "nested_reft_set_skip")]
+        assert events.count("nested_reft_load_weights") == 2  # step 0's weights (rounds 0, 1), step 1's (round 2)
+        assert server.paths("POST").count("/v1/completions") == 3 * 4  # three rounds of four completions
+    finally:
+        server.close()
