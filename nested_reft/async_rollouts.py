@@ -63,6 +63,7 @@ class RoundJob:
     future: concurrent.futures.Future
     snapshot: WeightSnapshot | None = None  # None for a round restored from a checkpoint
     load_seconds: list[float] = field(default_factory=list)
+    stale_logprobs: list[list[float]] | None = None  # log π_stale (unskipped) of the samples, from the producer
 
 
 def snapshot_policy(policy: torch.nn.Module, version: int, with_params: bool) -> WeightSnapshot:
@@ -117,18 +118,24 @@ class RolloutProducer:
         self.loaded_version = snapshot.version
         return time.perf_counter() - start
 
-    def submit(self, job_args: dict, snapshot: WeightSnapshot) -> RoundJob:
-        loads: list[float] = []
+    def submit(self, job_args: dict, snapshot: WeightSnapshot, score_full: bool = False) -> RoundJob:
+        """Queue a round. `score_full`: also score the samples under the unskipped stale policy on this
+        thread (engines with `full_model_logprobs`), for the log-ratio split."""
+        job = RoundJob(future=concurrent.futures.Future(), version=snapshot.version, snapshot=snapshot, **job_args)
 
         def run() -> Rollouts:
-            loads.append(self.load(snapshot))
-            self.engine.set_skip(job_args["skip"])
+            job.load_seconds.append(self.load(snapshot))
+            self.engine.set_skip(job.skip)
             if hasattr(self.engine, "last_load_seconds"):  # the compiled engine moves layers into its slots
-                loads.append(self.engine.last_load_seconds)
-            return self.engine.generate(job_args["prompt_ids"], job_args["sampling"])
+                job.load_seconds.append(self.engine.last_load_seconds)
+            rollouts = self.engine.generate(job.prompt_ids, job.sampling)
+            if score_full and job.skip and hasattr(self.engine, "full_model_logprobs"):
+                job.stale_logprobs = self.engine.full_model_logprobs(job.prompt_ids, rollouts.completion_ids,
+                                                                     job.sampling.temperature)
+            return rollouts
 
-        future = self._executor.submit(run)
-        return RoundJob(future=future, version=snapshot.version, snapshot=snapshot, load_seconds=loads, **job_args)
+        job.future = self._executor.submit(run)
+        return job
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -312,7 +319,7 @@ class AsyncRolloutsMixin:
     def _submit_round(self, round_index: int, prompt_ids: list[list[int]]) -> RoundJob:
         job = self._start_producer().submit(
             {"round": round_index, "prompt_ids": prompt_ids, "sampling": self._sampling(0, round_index=round_index),
-             "skip": self.skip_policy.draw()}, self._weights_now())
+             "skip": self.skip_policy.draw()}, self._weights_now(), score_full=self.args.staleness_split)
         self._jobs[round_index] = job
         return job
 
@@ -381,7 +388,11 @@ class AsyncRolloutsMixin:
             stale = old
         elif not job.skip:
             stale = behavior
-        elif job.snapshot is not None and self.args.staleness_split:
+        elif job.stale_logprobs is not None:  # scored by the producer, beside the trainer
+            stale = torch.zeros_like(old)
+            for row, values in enumerate(job.stale_logprobs):
+                stale[row, :len(values)] = torch.tensor(values, dtype=stale.dtype)
+        elif job.snapshot is not None and self.args.staleness_split:  # one more forward, on the trainer's thread
             with swapped_parameters(self.accelerator.unwrap_model(self.model), job.snapshot.params):
                 stale = self._policy_logps(output)
         else:  # restored from a checkpoint (its weights are not kept), or the split is off

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .hf import HFEngine
+from .hf import HFEngine, completion_logprobs
 
 
 class OwnWeightsHFEngine(HFEngine):
@@ -44,6 +44,15 @@ class OwnWeightsHFEngine(HFEngine):
         device = next(self.model.parameters()).device
         with torch.autocast(device.type, dtype=self.autocast_dtype):
             return super().generate(*args, **kwargs)
+
+    def full_model_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                            temperature: float) -> list[list[float]]:
+        """log softmax(logits / T) of the samples under this copy with nothing skipped (the stale policy
+        of the log-ratio split), teacher-forced, with the sampler's arithmetic."""
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            return completion_logprobs(self.model.eval(), prompt_ids, completion_ids, temperature, self.pad_id,
+                                       self.batch_size)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         unknown = []

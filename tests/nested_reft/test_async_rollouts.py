@@ -39,7 +39,7 @@ class Recorder:
     """Keeps the policy's weights after every optimizer step and each round the trainer took."""
 
     def __init__(self, trainer):
-        self.trainer, self.weights, self.rounds = trainer, {}, []
+        self.trainer, self.weights, self.rounds, self.scored_by_producer = trainer, {}, [], []
         open_round = trainer._open_async_round
 
         def record(prompts):
@@ -48,6 +48,7 @@ class Recorder:
             open_round(prompts)
             job = trainer._async_job
             self.rounds.append((step, job.version, job.skip, job.prompt_ids, job.future.result()))
+            self.scored_by_producer.append(job.stale_logprobs is not None)
 
         trainer._open_async_round = record
 
@@ -58,6 +59,7 @@ def test_one_step_off_rounds_are_sampled_by_the_stale_skipped_policy(small_model
     trainer.train()
     assert [(step, version) for step, version, *_ in rec.rounds] == [(0, 0), (1, 0), (2, 1), (3, 2)]
     assert all(skip for _, _, skip, _, _ in rec.rounds)
+    assert all(rec.scored_by_producer)  # the split's stale policy, scored beside the trainer
     # a plain copy of the checkpoint (the trainer's own model carries TRL's training-only forward)
     model = AutoModelForCausalLM.from_pretrained(small_model_dir).eval()
     logs = [row for row in trainer.state.log_history if "async/staleness" in row]
@@ -210,5 +212,14 @@ def test_the_colocated_compiled_vllm_engine_samples_ahead_on_the_producer(small_
             err = max(abs(a - b) for g, w in zip(rollouts.logprobs, want) for a, b in zip(g, w))
             assert err < 1e-4, (step, version, err)
         assert staleness_log(trainer) == [0.0, 1.0, 1.0]
+        assert not any(rec.scored_by_producer)  # vLLM cannot: the trainer scores the stale policy itself
+        logs = [row for row in trainer.state.log_history if "async/staleness" in row]
+        for row, (_, version, _, prompts, rollouts) in zip(logs, rec.rounds):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(rec.weights[version][n])
+                full = completion_logprobs(model, prompts, rollouts.completion_ids, 1.0, chat_tokenizer.pad_token_id)
+            gaps = [m - f for mu, fu in zip(rollouts.logprobs, full) for m, f in zip(mu, fu)]  # ragged rows: flat
+            assert row["async/kl_skipping"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
     finally:
         trainer.engine.close()
