@@ -7,7 +7,8 @@
 Like for like: `-hf` runs sample with Hugging Face `generate()` on both sides (TRL `use_vllm=False`,
 ours `engine=hf`); `-vllm` runs with a colocated, in-process vLLM on both sides, eager on both
 (ours is the eager run-time-skip `VLLMEngine`, `vllm_compile: false`; TRL's is started eager by the
-shim below; a compiled pair on both sides is future work of the compiled engine). The
+shim below), or compiled on both with `--compiled`. `ours-<variant>-async<N>-<engine>` runs the
+variant with `async_rollouts` and `max_staleness` N (docs/async.md). The
 hyper-parameters are those of recipes/configs/math_reft_tiny.yaml (the step budget is its
 `max_steps` unless --max_steps is given); `ours-<engine>` keeps the config's skip ratio and correction
 (and its `filter_groups`, which TRL does not have), `ours-onpolicy-<engine>` skips nothing, and
